@@ -1,0 +1,43 @@
+"""The command line shared by the trainers: --config, dotted overrides, --resume, --overwrite, --dry-run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional
+
+import yaml
+
+from .config import ConfigError, load_config, to_dict
+from .data import DataError
+from .training import RunDirError
+
+# Errors the user can fix: one clear line, no traceback.
+USER_ERRORS = (ConfigError, DataError, RunDirError, FloatingPointError)
+
+
+def parse_args(doc: str, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file describing the run (configs/...); defaults apply without one")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest or a given checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete output_dir first if it holds a run")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return parser.parse_intermixed_args(argv)
+
+
+def run_cli(config_cls: type, train: Callable, doc: str, argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+    args = parse_args(doc, argv)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        if args.dry_run:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        train(cfg, args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,419 @@
+"""Typed run configuration: YAML files in `configs/` plus dotted command-line overrides.
+
+A run is described by one dataclass tree (`CGANConfig` or `DDPMConfig`). `load_config` reads a
+YAML file, applies `section.key=value` overrides, and checks every key, type and choice before
+any work starts, so a typo fails in a second instead of an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key, has the wrong type or an invalid value."""
+
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion_mnist", "cifar10", "synthetic"] = "fashion_mnist"
+    path: Optional[str] = None  # an IDX folder, a folder of class sub-folders, or a `save_to_disk` dataset
+    split: Literal["train", "test"] = "train"
+    classes: Optional[list[int]] = None  # keep only these classes, relabelled 0..k-1 (report C's two-class run)
+    pad_to: Optional[int] = None  # e.g. 32: pad Fashion-MNIST 28 -> 32 for U-Nets that halve three times
+    hflip: bool = False  # random horizontal flip; right for CIFAR-10, wrong for digits or text
+    limit: Optional[int] = None  # use only the first N images (after the class subset): quick runs
+    synthetic_size: int = 512  # number of images of the synthetic set
+    synthetic_image_size: int = 28
+    synthetic_channels: int = 1
+    on_device: bool = True  # keep the uint8 images on the accelerator (60k x 28 x 28 is 47 MB)
+
+    def validate(self) -> None:
+        if self.classes is not None:
+            if not self.classes or len(set(self.classes)) != len(self.classes):
+                raise ConfigError(f"data.classes={self.classes}: must be a non-empty list of distinct class ids")
+        if self.pad_to is not None and self.pad_to < 1:
+            raise ConfigError(f"data.pad_to={self.pad_to}: must be a positive image size")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit={self.limit}: must be positive")
+        if self.synthetic_channels not in (1, 3):
+            raise ConfigError(f"data.synthetic_channels={self.synthetic_channels}: valid choices are 1, 3")
+        if self.synthetic_image_size < 8:
+            raise ConfigError(f"data.synthetic_image_size={self.synthetic_image_size}: must be at least 8")
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
+    project: str = "class-conditional-generation"
+    run_name: Optional[str] = None  # default: the output directory's name
+    tags: list[str] = field(default_factory=list)
+    every_steps: int = 50  # scalar logging interval; each log is one host sync
+    grid_every_epochs: int = 1  # per-class sample grid interval
+
+    def validate(self) -> None:
+        _positive(self, "every_steps", "log")
+        _positive(self, "grid_every_epochs", "log")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None  # None: at the end of every epoch
+    every_minutes: Optional[float] = None  # also save when this much wall time passed (preemptible jobs)
+    keep: int = 3  # keep the newest K checkpoints
+
+    def validate(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise ConfigError(f"checkpoint.every_steps={self.every_steps}: must be positive or null")
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes}: must be positive or null")
+        _positive(self, "keep", "checkpoint")
+
+
+@dataclass
+class CGANModelConfig:
+    arch: Literal["report_a", "notes_e"] = "report_a"
+    latent_dim: int = 100
+    label_emb_dim: int = 50
+    base_channels: int = 64  # G: 2*base -> base -> image; D: base -> 2*base
+    bn_momentum: float = 0.1  # PyTorch convention (Keras momentum 0.8 is PyTorch 0.2)
+    bn_eps: float = 1e-5  # notes E writes BatchNorm2d(64, 0.8), which sets eps=0.8
+    noise: Literal["normal", "uniform"] = "normal"  # uniform draws from [-1, 1]
+    d_norm: Literal["batch", "spectral"] = "batch"  # spectral norm stabilises D (Miyato et al., 2018)
+    d_conditioning: Literal["label_map", "projection"] = "label_map"  # label_map is the seeds' extra channel
+    image_size: Optional[int] = None  # None: taken from the data
+    channels: Optional[int] = None  # None: taken from the data
+
+    def validate(self) -> None:
+        for key in ("latent_dim", "label_emb_dim", "base_channels"):
+            _positive(self, key, "model")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ConfigError(f"model.bn_momentum={self.bn_momentum}: must be in (0, 1]")
+
+
+@dataclass
+class GANLossConfig:
+    name: Literal["bce", "wgan_gp", "lsgan", "hinge"] = "bce"
+    gp_weight: float = 10.0  # WGAN-GP lambda
+    critic_steps: int = 1  # discriminator updates per generator update (5 is usual for WGAN-GP)
+
+    def validate(self) -> None:
+        _positive(self, "critic_steps", "loss")
+        if self.gp_weight < 0:
+            raise ConfigError(f"loss.gp_weight={self.gp_weight}: must be >= 0")
+
+
+# Seeds, report B: 2e-4 for BCE, LSGAN and hinge, 1e-4 for WGAN-GP.
+DEFAULT_GAN_LR = {"bce": 2e-4, "lsgan": 2e-4, "hinge": 2e-4, "wgan_gp": 1e-4}
+
+
+@dataclass
+class GANOptimConfig:
+    lr_g: Optional[float] = None  # None: the loss's default from the seeds
+    lr_d: Optional[float] = None
+    betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's beta1=0.5 keeps the adversarial game from oscillating
+
+    def validate(self) -> None:
+        for key in ("lr_g", "lr_d"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"optim.{key}={value}: must be positive or null")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas}: each must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # per process; the global batch is batch_size * num_processes
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs when smaller)
+    mixed_precision: MixedPrecision = "no"
+    gradient_accumulation_steps: int = 1
+    ema_decay: Optional[float] = None  # None: no EMA copy of the weights
+    max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
+
+    def validate(self) -> None:
+        for key in ("batch_size", "epochs", "gradient_accumulation_steps", "max_nonfinite_steps"):
+            _positive(self, key, "train")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps={self.max_steps}: must be positive or null")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay}: must be in (0, 1) or null")
+
+
+@dataclass
+class CGANConfig:
+    """One conditional-GAN run (`train_cgan.py`)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: CGANModelConfig = field(default_factory=CGANModelConfig)
+    loss: GANLossConfig = field(default_factory=GANLossConfig)
+    optim: GANOptimConfig = field(default_factory=GANOptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/cgan"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.train.gradient_accumulation_steps != 1:
+            raise ConfigError(
+                "train.gradient_accumulation_steps must be 1 for the cGAN: each D and G update uses one batch"
+            )
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention: list[bool] = field(default_factory=lambda: [False, False, True])  # one per level
+    layers_per_block: int = 2
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+    sample_size: Optional[int] = None  # None: the data's image size after padding
+    channels: Optional[int] = None  # None: taken from the data
+
+    def validate(self) -> None:
+        if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
+            raise ConfigError(f"model.block_out_channels={self.block_out_channels}: must be positive channel counts")
+        if len(self.attention) != len(self.block_out_channels):
+            raise ConfigError(
+                f"model.attention has {len(self.attention)} entries; it needs one per level of "
+                f"model.block_out_channels ({len(self.block_out_channels)})"
+            )
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ConfigError(
+                f"model.norm_num_groups={self.norm_num_groups} must divide every block channel count; it does not divide {bad}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout}: must be in [0, 1)")
+        _positive(self, "layers_per_block", "model")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000  # report A uses 300
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"  # squaredcos_cap_v2 is report C's cosine
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    snr_gamma: Optional[float] = None  # min-SNR loss weighting (5.0 is the paper's choice); None: plain MSE
+    label_dropout: float = 0.1  # classifier-free guidance: share of labels replaced by the null class; 0 turns it off
+    sample_steps: int = 10  # DDIM steps for the cheap training grids
+    sample_guidance: float = 2.0
+
+    def validate(self) -> None:
+        _positive(self, "num_train_timesteps", "diffusion")
+        _positive(self, "sample_steps", "diffusion")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"diffusion.label_dropout={self.label_dropout}: must be in [0, 1)")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"diffusion.snr_gamma={self.snr_gamma}: must be positive or null")
+
+
+@dataclass
+class DDPMOptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"  # onecycle is report C's
+    warmup_steps: int = 100  # for cosine
+    max_grad_norm: Optional[float] = 1.0  # gradient clipping; None turns it off
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be positive")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+
+
+@dataclass
+class DDPMConfig:
+    """One conditional-diffusion run (`train_ddpm.py`)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: DDPMOptimConfig = field(default_factory=DDPMOptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/ddpm"
+    seed: int = 0
+
+
+def _positive(section: Any, key: str, prefix: str) -> None:
+    value = getattr(section, key)
+    if value < 1:
+        raise ConfigError(f"{prefix}.{key}={value}: must be positive")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        errors = []
+        for option in others:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        if value is None:
+            raise ConfigError(f"{key}: null is not allowed here; expected {', '.join(_type_name(o) for o in others)}")
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; valid choices: {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping) with keys {_field_names(tp)}, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _field_names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+            f"{_field_names(cls)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value)
+    if hasattr(obj, "validate"):
+        obj.validate()
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn `["train.epochs=30", "model.arch=notes_e"]` into a nested dict; values are parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.epochs=30)")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"override '{item}': empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+        node = nested
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return nested
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(cls: type, values: dict) -> Any:
+    """Build and validate a config dataclass from nested plain data."""
+    cfg = _build(cls, values)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Any:
+    """Read `path` (YAML, optional), apply dotted `overrides`, and return a validated `cls` instance."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    values = _merge(values, parse_overrides(overrides or []))
+    return config_from_dict(cls, values)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested data (tuples as lists) for YAML, W&B and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,332 @@
+"""Images from Hugging Face `datasets`, decoded once into uint8 tensors, served as shuffled batches.
+
+Sources, in the order they are tried:
+  * `data.path`: an IDX folder (the original Fashion-MNIST files), a `save_to_disk` dataset, or a
+    folder of class sub-folders (loaded with the `imagefolder` builder);
+  * `fashion_mnist` offline: the Debian package `dataset-fashion-mnist`'s IDX files;
+  * the Hub (`zalando-datasets/fashion_mnist`, `uoft-cs/cifar10`), unless `HF_HUB_OFFLINE` is set;
+  * `synthetic`: a tiny deterministic set of class-dependent shapes, for tests.
+Whatever the source, the result is a `datasets.Dataset` with an `image` Image column and a
+`label` ClassLabel column, then an `ImageTensors` of uint8 images kept in memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+HUB_IDS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class DataError(RuntimeError):
+    """The requested data cannot be found or does not have the expected form."""
+
+
+@dataclass
+class ImageTensors:
+    """A whole split in memory: `images` uint8 (N, C, H, W), `labels` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def to(self, device: torch.device | str) -> "ImageTensors":
+        return ImageTensors(self.images.to(device), self.labels.to(device), self.class_names)
+
+
+def _features(class_names: list[str]):
+    from datasets import ClassLabel, Features, Image
+
+    return Features({"image": Image(), "label": ClassLabel(names=class_names)})
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(data) != expected:
+        raise DataError(f"{path} is truncated or corrupt: {len(data)} bytes, expected {expected}")
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def is_idx_folder(folder: Path) -> bool:
+    return any(_find_idx(folder, stem) for pair in IDX_FILES.values() for stem in pair)
+
+
+def load_idx_split(folder: Path, split: str, class_names: list[str] = FASHION_MNIST_CLASSES):
+    """The original (Fashion-)MNIST IDX files as a `datasets.Dataset` with the Hub's features."""
+    from datasets import Dataset
+
+    images_file, labels_file = (_find_idx(folder, stem) for stem in IDX_FILES[split])
+    if images_file is None or labels_file is None:
+        raise DataError(f"{folder} has no {split} split: expected {IDX_FILES[split][0]}[.gz] and {IDX_FILES[split][1]}[.gz]")
+    images, labels = _read_idx(images_file), _read_idx(labels_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{images_file} and {labels_file} do not match: shapes {images.shape} and {labels.shape}")
+    return Dataset.from_dict(
+        {"image": list(images), "label": labels.astype(np.int64)}, features=_features(class_names)
+    )
+
+
+def synthetic_split(cfg: DataConfig, split: str):
+    """Ten classes of simple shapes whose position and size depend on the class, with seeded jitter.
+
+    Deterministic for a given split, so tests can assert exact values; small enough to build in
+    milliseconds; learnable, so a short training run visibly lowers the loss.
+    """
+    from datasets import Dataset
+
+    size, channels, n = cfg.synthetic_image_size, cfg.synthetic_channels, cfg.synthetic_size
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    palette = np.array([[1, 0.2, 0.2], [0.2, 1, 0.2], [0.2, 0.2, 1], [1, 1, 0.2], [1, 0.2, 1],
+                        [0.2, 1, 1], [1, 0.6, 0.2], [0.6, 0.2, 1], [1, 1, 1], [0.6, 0.6, 0.6]])
+    images = np.zeros((n, size, size, channels), np.uint8)
+    for i, c in enumerate(labels):
+        cx, cy = 0.25 + 0.5 * (c % 3) / 2, 0.25 + 0.5 * (c // 3) / 3
+        cx, cy = cx + rng.normal(0, 0.03), cy + rng.normal(0, 0.03)
+        r = 0.12 + 0.02 * (c % 4) + rng.normal(0, 0.01)
+        if c % 2:
+            mask = (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)  # squares for odd classes
+        else:
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2  # discs for even ones
+        colour = palette[c] if channels == 3 else palette[c][:1] * 0 + 0.5 + 0.05 * c
+        images[i][mask] = (255 * colour).astype(np.uint8)
+    columns = images[..., 0] if channels == 1 else images
+    return Dataset.from_dict(
+        {"image": list(columns), "label": labels.astype(np.int64)},
+        features=_features([f"class_{k}" for k in range(10)]),
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _how_to_get(name: str) -> str:
+    if name == "fashion_mnist":
+        return ("install the Debian package (apt-get install dataset-fashion-mnist, which puts the IDX files in "
+                f"{DEBIAN_FASHION_MNIST}), set data.path to a folder of IDX files, a save_to_disk dataset or a "
+                f"folder of class sub-folders, or go online so '{HUB_IDS[name]}' can be downloaded from the Hub")
+    return (f"go online so '{HUB_IDS[name]}' can be downloaded from the Hub (once; it is cached), or set data.path "
+            "to a save_to_disk copy of it or a folder of class sub-folders")
+
+
+def _from_path(path: Path, split: str, name: str):
+    import datasets
+
+    if not path.exists():
+        raise DataError(f"data.path={path} does not exist")
+    if path.is_dir() and is_idx_folder(path):
+        return load_idx_split(path, split, FASHION_MNIST_CLASSES if name == "fashion_mnist" else
+                              [str(i) for i in range(10)])
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:
+            raise DataError(f"data.path={path} looks like a save_to_disk dataset but cannot be read: {err}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"data.path={path} has splits {list(loaded)}, not '{split}'")
+            loaded = loaded[split]
+        return loaded
+    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+        split_dir = path / split if (path / split).is_dir() else path
+        try:
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(split_dir), split="train")
+        except Exception as err:
+            raise DataError(f"data.path={split_dir}: cannot read it as a folder of class sub-folders: {err}") from None
+        return loaded
+    raise DataError(
+        f"data.path={path} is not an IDX folder, a save_to_disk dataset, or a folder of class sub-folders"
+    )
+
+
+def _from_hub(name: str, split: str):
+    import datasets
+
+    if _hub_offline():
+        raise DataError(f"no local copy of '{name}' and HF_HUB_OFFLINE is set; to get it: {_how_to_get(name)}")
+    try:
+        return datasets.load_dataset(HUB_IDS[name], split=split)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot load '{HUB_IDS[name]}' from the Hub ({first_line}); to get it: {_how_to_get(name)}") from None
+
+
+def _standardise(ds):
+    """Rename the image and label columns to `image` and `label` (CIFAR-10 calls them `img`)."""
+    from datasets import ClassLabel, Image
+
+    image_col = next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
+    label_col = next((c for c in ("label", "labels", "fine_label") if c in ds.column_names), None)
+    if image_col is None or label_col is None:
+        raise DataError(f"dataset columns {ds.column_names}: need an image column and a label column")
+    if image_col != "image":
+        ds = ds.rename_column(image_col, "image")
+    if label_col != "label":
+        ds = ds.rename_column(label_col, "label")
+    if not isinstance(ds.features["image"], Image) or not isinstance(ds.features["label"], ClassLabel):
+        raise DataError(f"dataset features {ds.features}: need an Image column and a ClassLabel column")
+    return ds.select_columns(["image", "label"])
+
+
+def load_hf_dataset(cfg: DataConfig, split: Optional[str] = None):
+    """The configured split as a `datasets.Dataset` with `image` (Image) and `label` (ClassLabel) columns."""
+    split = split or cfg.split
+    if cfg.path is not None:
+        ds = _from_path(Path(cfg.path).expanduser(), split, cfg.name)
+    elif cfg.name == "synthetic":
+        ds = synthetic_split(cfg, split)
+    elif cfg.name == "fashion_mnist" and is_idx_folder(DEBIAN_FASHION_MNIST):
+        ds = load_idx_split(DEBIAN_FASHION_MNIST, split)
+    else:
+        ds = _from_hub(cfg.name, split)
+    return _standardise(ds)
+
+
+def dataset_to_tensors(ds, batch_size: int = 5000) -> ImageTensors:
+    """Decode every image once into one uint8 (N, C, H, W) tensor."""
+    class_names = list(ds.features["label"].names)
+    chunks, labels = [], []
+    for batch in ds.with_format("torch").iter(batch_size=batch_size):
+        images = batch["image"]
+        if isinstance(images, list):
+            shapes = {tuple(x.shape) for x in images}
+            raise DataError(f"images differ in size ({sorted(shapes)[:3]}...); resize them to one size first")
+        if images.ndim == 3:  # grayscale decoded without a channel axis
+            images = images[:, None]
+        chunks.append(images.to(torch.uint8))
+        labels.append(batch["label"].to(torch.int64))
+    if not chunks:
+        raise DataError("the dataset is empty")
+    return ImageTensors(torch.cat(chunks), torch.cat(labels), class_names)
+
+
+def select_classes(data: ImageTensors, classes: list[int]) -> ImageTensors:
+    """Keep only `classes`, relabelled 0..k-1 in the given order; the class names follow."""
+    bad = [c for c in classes if not 0 <= c < data.num_classes]
+    if bad:
+        raise DataError(f"data.classes contains {bad}; valid class ids are 0..{data.num_classes - 1} "
+                        f"({', '.join(f'{i}={n}' for i, n in enumerate(data.class_names))})")
+    lookup = torch.full((data.num_classes,), -1, dtype=torch.int64)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
+    new_labels = lookup[data.labels]
+    keep = new_labels >= 0
+    return ImageTensors(data.images[keep], new_labels[keep], [data.class_names[c] for c in classes])
+
+
+def load_tensors(cfg: DataConfig, split: Optional[str] = None) -> ImageTensors:
+    """The configured split, class subset and limit applied, as uint8 tensors on the CPU."""
+    data = dataset_to_tensors(load_hf_dataset(cfg, split))
+    if cfg.classes is not None:
+        data = select_classes(data, cfg.classes)
+    if cfg.limit is not None:
+        data = ImageTensors(data.images[: cfg.limit], data.labels[: cfg.limit], data.class_names)
+    return data
+
+
+def to_model_range(images: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (report A's ToDtype(scale=True) + Normalize(0.5, 0.5)), padded with -1."""
+    x = images.float().div_(127.5).sub_(1.0)
+    if pad_to is not None and pad_to != x.shape[-1]:
+        total = pad_to - x.shape[-1]
+        if total < 0:
+            raise DataError(f"data.pad_to={pad_to} is smaller than the images ({x.shape[-1]}px)")
+        x = F.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2), value=-1.0)
+    return x
+
+
+class BatchLoader:
+    """Shuffled batches from in-memory uint8 images, with no per-sample Python work.
+
+    Every process draws the same global permutation from (seed, epoch) and takes its own slice of
+    each global batch, so N processes with batch B see exactly what one process with batch N*B
+    would, and resuming at (epoch, step) reproduces the rest of the order.
+    """
+
+    def __init__(self, data: ImageTensors, batch_size: int, seed: int, *, process_index: int = 0,
+                 num_processes: int = 1, pad_to: Optional[int] = None, hflip: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.data = data.to(device)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.pad_to = pad_to
+        self.hflip = hflip
+        self.device = torch.device(device)
+        global_batch = batch_size * num_processes
+        self.steps_per_epoch = len(data) // global_batch  # drop the ragged end: every step sees a full batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(data)} images are fewer than one global batch ({batch_size} x {num_processes} processes)")
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.pad_to or self.data.image_size
+        return (self.data.channels, size, size)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `(images in [-1, 1], labels)` of `epoch`, starting at `start_step` (for resume)."""
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.data), generator=gen)
+        flips = (torch.rand(len(self.data), generator=gen) < 0.5).to(self.device) if self.hflip else None
+        order = order.to(self.device)
+        global_batch = self.batch_size * self.num_processes
+        for step in range(start_step, self.steps_per_epoch):
+            lo = step * global_batch + self.process_index * self.batch_size
+            idx = order[lo: lo + self.batch_size]
+            x = to_model_range(self.data.images[idx], self.pad_to)
+            if flips is not None:
+                flip = flips[idx].view(-1, 1, 1, 1)
+                x = torch.where(flip, x.flip(-1), x)
+            yield x, self.data.labels[idx]
+

@@ -1,0 +1,121 @@
+"""Conditional-GAN training pieces used by `train_cgan.py`: building the pair, one training step, grids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .config import DEFAULT_GAN_LR, CGANConfig
+from .losses import GANLoss, gradient_penalty
+from .models.cgan import CGANDiscriminator, CGANGenerator
+from .training import NonFiniteGuard
+
+
+def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
+               ) -> tuple[CGANGenerator, CGANDiscriminator]:
+    m = cfg.model
+    if m.channels is not None and m.channels != channels:
+        raise ValueError(f"model.channels={m.channels} but the data has {channels}-channel images")
+    if m.image_size is not None and m.image_size != image_size:
+        raise ValueError(f"model.image_size={m.image_size} but the data has {image_size}x{image_size} images "
+                         "(after data.pad_to)")
+    shared = dict(arch=m.arch, num_classes=num_classes, label_emb_dim=m.label_emb_dim, base_channels=m.base_channels,
+                  bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, image_size=image_size, channels=channels)
+    generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, **shared)
+    discriminator = CGANDiscriminator(norm=m.d_norm, conditioning=m.d_conditioning, **shared)
+    return generator, discriminator
+
+
+def make_optimizers(cfg: CGANConfig, generator: torch.nn.Module, discriminator: torch.nn.Module, device: torch.device):
+    default = DEFAULT_GAN_LR[cfg.loss.name]
+    # The fused kernel is one launch for all parameters; it exists on CUDA (and recent CPU builds).
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g or default, betas=cfg.optim.betas, **fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d or default, betas=cfg.optim.betas, **fused)
+    return opt_g, opt_d
+
+
+@dataclass
+class GANStep:
+    """One discriminator update, and a generator update every `critic_steps` calls.
+
+    Returns detached tensors (no host sync) so the caller reads them only at logging time.
+    """
+
+    accelerator: object
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    loss: GANLoss
+    gp_weight: float
+    critic_steps: int
+    guard: NonFiniteGuard
+    ema: Optional[object] = None
+    skipped: int = field(default=0)
+
+    def __call__(self, step: int, real: torch.Tensor, labels: torch.Tensor, measure_grads: bool = False) -> dict:
+        acc, G, D = self.accelerator, self.generator, self.discriminator
+        unwrapped = acc.unwrap_model(G)
+        z = unwrapped.sample_noise(real.shape[0], device=real.device)
+        fake = G(z, labels)
+
+        # Discriminator (critic) update.
+        real_logits = D(real, labels)
+        fake_logits = D(fake.detach(), labels)
+        loss_d = self.loss.discriminator(real_logits, fake_logits)
+        if self.loss.gradient_penalty:
+            loss_d = loss_d + self.gp_weight * gradient_penalty(D, real, fake, labels)
+        metrics = {"loss_d": loss_d.detach(), "d_real": real_logits.detach().mean(),
+                   "d_fake": fake_logits.detach().mean()}
+        self.opt_d.zero_grad(set_to_none=True)
+        if not self.guard.ok(loss_d):
+            self.skipped += 1
+            return metrics
+        acc.backward(loss_d)
+        if measure_grads:
+            metrics["grad_norm_d"] = acc.clip_grad_norm_(D.parameters(), float("inf"))
+        self.opt_d.step()
+
+        if (step + 1) % self.critic_steps:
+            return metrics
+
+        # Generator update, against the discriminator just updated, reusing this step's fakes.
+        loss_g = self.loss.generator(D(fake, labels))
+        metrics["loss_g"] = loss_g.detach()
+        self.opt_g.zero_grad(set_to_none=True)
+        if not self.guard.ok(loss_g):
+            self.skipped += 1
+            return metrics
+        acc.backward(loss_g)
+        if measure_grads:
+            metrics["grad_norm_g"] = acc.clip_grad_norm_(G.parameters(), float("inf"))
+        self.opt_g.step()
+        if self.ema is not None:
+            self.ema.step(unwrapped.parameters())
+        return metrics
+
+
+@torch.no_grad()
+def latent_interpolation(generator: CGANGenerator, num_classes: int, steps: int, seed: int) -> torch.Tensor:
+    """One row per class: images along the line between two fixed latent codes (notes E)."""
+    gen = torch.Generator().manual_seed(seed)
+    z0, z1 = (generator.sample_noise(1, gen, torch.device("cpu")) for _ in range(2))
+    w = torch.linspace(0, 1, steps).view(-1, 1)
+    z = ((1 - w) * z0 + w * z1).repeat(num_classes, 1).to(generator.device)
+    labels = torch.arange(num_classes, device=generator.device).repeat_interleave(steps)
+    return generator(z, labels)
+
+
+@torch.no_grad()
+def class_interpolation(generator: CGANGenerator, num_classes: int, steps: int, seed: int) -> torch.Tensor:
+    """One row per class pair (k, k+1): fixed noise, label embedding moved from class k to k+1 (notes E)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = generator.sample_noise(1, gen, torch.device("cpu")).to(generator.device)
+    table = generator.label_emb.weight
+    w = torch.linspace(0, 1, steps, device=generator.device).view(-1, 1)
+    rows = [(1 - w) * table[k] + w * table[(k + 1) % num_classes] for k in range(num_classes)]
+    embeddings = torch.cat(rows)
+    return generator(z.expand(embeddings.shape[0], -1), label_embeddings=embeddings)

@@ -1,0 +1,95 @@
+"""Training objectives: the four GAN losses of report B and the diffusion MSE (with min-SNR weights).
+
+GAN losses take discriminator logits. Each returns a scalar to minimise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+GAN_LOSSES = ("bce", "wgan_gp", "lsgan", "hinge")
+
+
+class GANLoss(NamedTuple):
+    discriminator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (real logits, fake logits) -> loss
+    generator: Callable[[torch.Tensor], torch.Tensor]  # fake logits -> loss
+    gradient_penalty: bool  # WGAN-GP adds lambda * E[(||grad D(x_hat)|| - 1)^2] to the critic loss
+
+
+def bce_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Report A: (BCE(D(x), 1) + BCE(D(G(z)), 0)) / 2, computed from logits (stable for large |logits|)."""
+    return 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                  + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+
+
+def bce_g(fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss -log D(G(z))."""
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+
+
+def wasserstein_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Critic loss D(G(z)) - D(x); the gradient penalty is added by the trainer."""
+    return fake.mean() - real.mean()
+
+
+def wasserstein_g(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+def lsgan_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """1/2 [(D(x) - 1)^2 + D(G(z))^2] on the raw (linear) discriminator output."""
+    return 0.5 * ((real - 1).pow(2).mean() + fake.pow(2).mean())
+
+
+def lsgan_g(fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (fake - 1).pow(2).mean()
+
+
+def hinge_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """max(0, 1 - D(x)) + max(0, 1 + D(G(z)))."""
+    return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+
+
+def hinge_g(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+def gan_loss(name: str) -> GANLoss:
+    table = {
+        "bce": GANLoss(bce_d, bce_g, False),
+        "wgan_gp": GANLoss(wasserstein_d, wasserstein_g, True),
+        "lsgan": GANLoss(lsgan_d, lsgan_g, False),
+        "hinge": GANLoss(hinge_d, hinge_g, False),
+    }
+    if name not in table:
+        raise ValueError(f"loss {name!r}: valid choices are {', '.join(GAN_LOSSES)}")
+    return table[name]
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], real: torch.Tensor,
+                     fake: torch.Tensor, labels: torch.Tensor,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """WGAN-GP: E[(||grad_x_hat D(x_hat, y)||_2 - 1)^2] on random interpolates of real and fake."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator, dtype=real.dtype)
+    x_hat = (alpha * real + (1 - alpha) * fake.detach()).requires_grad_(True)
+    scores = critic(x_hat, labels)
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor,
+                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE between the U-Net's output and its target (noise or velocity), optionally weighted per sample."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al., 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr

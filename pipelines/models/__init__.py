@@ -1,0 +1,1 @@
+"""Network definitions: the conditional GAN family and the conditional U-Net."""

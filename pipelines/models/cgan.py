@@ -1,0 +1,126 @@
+"""The seeds' conditional GANs: report A (ConvTranspose) and notes E (Upsample + Conv).
+
+The generator is a diffusers `ModelMixin` + `ConfigMixin`, so it saves and loads with
+`save_pretrained` / `from_pretrained` (safetensors) and travels inside `CGANPipeline`.
+The discriminator returns raw logits; each loss applies what it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from torch.nn.utils import spectral_norm
+
+ARCHS = ("report_a", "notes_e")
+
+
+def _check(arch: str, image_size: int) -> int:
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: valid choices are {', '.join(ARCHS)}")
+    if image_size % 4:
+        raise ValueError(f"image_size={image_size}: the cGANs up-sample twice, so it must be a multiple of 4 (28, 32)")
+    return image_size // 4
+
+
+class CGANGenerator(ModelMixin, ConfigMixin):
+    """G(z, y): latent noise and a class label to an image in [-1, 1]."""
+
+    @register_to_config
+    def __init__(self, arch: str = "report_a", num_classes: int = 10, latent_dim: int = 100,
+                 label_emb_dim: int = 50, base_channels: int = 64, bn_momentum: float = 0.1,
+                 bn_eps: float = 1e-5, image_size: int = 28, channels: int = 1, noise: str = "normal"):
+        super().__init__()
+        s = _check(arch, image_size)
+        if noise not in ("normal", "uniform"):
+            raise ValueError(f"noise={noise!r}: valid choices are normal, uniform")
+        wide, narrow = 2 * base_channels, base_channels
+        self.label_emb = nn.Embedding(num_classes, label_emb_dim)
+        bn = dict(momentum=bn_momentum, eps=bn_eps)
+        if arch == "report_a":
+            self.fc = nn.Sequential(nn.Linear(latent_dim + label_emb_dim, wide * s * s),
+                                    nn.BatchNorm1d(wide * s * s, **bn), nn.LeakyReLU(0.2))
+            self.net = nn.Sequential(
+                nn.ConvTranspose2d(wide, narrow, 4, 2, 1), nn.BatchNorm2d(narrow, **bn), nn.LeakyReLU(0.2),
+                nn.ConvTranspose2d(narrow, channels, 4, 2, 1), nn.Tanh(),
+            )
+        else:
+            self.fc = nn.Sequential(nn.Linear(latent_dim + label_emb_dim, wide * s * s), nn.ReLU())
+            self.net = nn.Sequential(
+                nn.BatchNorm2d(wide, **bn), nn.Upsample(scale_factor=2), nn.Conv2d(wide, narrow, 3, 1, 1),
+                nn.BatchNorm2d(narrow, **bn), nn.ReLU(), nn.Upsample(scale_factor=2),
+                nn.Conv2d(narrow, channels, 3, 1, 1), nn.Tanh(),
+            )
+        self.start = (wide, s, s)
+
+    def sample_noise(self, batch_size: int, generator: Optional[torch.Generator] = None,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+        """Latent codes from the configured distribution (normal, or uniform in [-1, 1])."""
+        device = device or self.device
+        shape = (batch_size, self.config.latent_dim)
+        if self.config.noise == "uniform":
+            return torch.rand(shape, generator=generator, device=generator.device if generator else device).to(device) * 2 - 1
+        return randn_tensor(shape, generator=generator, device=device)
+
+    def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                label_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images for labels, or for label embeddings given directly (class interpolation)."""
+        if label_embeddings is None:
+            label_embeddings = self.label_emb(labels)
+        h = self.fc(torch.cat([z, label_embeddings], dim=1))
+        return self.net(h.view(-1, *self.start))
+
+
+class CGANDiscriminator(nn.Module):
+    """D(x, y) -> one logit per image.
+
+    `conditioning="label_map"` is the seeds' design: the label becomes an extra image channel
+    (report A: Embedding -> Linear -> HxW map; notes E: Embedding(K, 1) broadcast over HxW).
+    `conditioning="projection"` (Miyato & Koyama, 2018) adds <embed(y), features> to the logit.
+    `norm="spectral"` replaces BatchNorm by spectral normalisation of every layer.
+    """
+
+    def __init__(self, arch: str = "report_a", num_classes: int = 10, label_emb_dim: int = 50,
+                 base_channels: int = 64, bn_momentum: float = 0.1, bn_eps: float = 1e-5, image_size: int = 28,
+                 channels: int = 1, norm: str = "batch", conditioning: str = "label_map"):
+        super().__init__()
+        s = _check(arch, image_size)
+        if norm not in ("batch", "spectral"):
+            raise ValueError(f"norm={norm!r}: valid choices are batch, spectral")
+        if conditioning not in ("label_map", "projection"):
+            raise ValueError(f"conditioning={conditioning!r}: valid choices are label_map, projection")
+        sn = spectral_norm if norm == "spectral" else (lambda m: m)
+        self.arch, self.conditioning, self.image_size = arch, conditioning, image_size
+        in_channels = channels
+        if conditioning == "label_map":
+            in_channels += 1
+            if arch == "report_a":
+                self.label_map = nn.Sequential(nn.Embedding(num_classes, label_emb_dim),
+                                               nn.Linear(label_emb_dim, image_size * image_size))
+            else:
+                self.label_map = nn.Embedding(num_classes, 1)
+        wide, narrow = 2 * base_channels, base_channels
+        self.features = nn.Sequential(
+            sn(nn.Conv2d(in_channels, narrow, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(narrow, wide, 4, 2, 1)),
+            nn.BatchNorm2d(wide, momentum=bn_momentum, eps=bn_eps) if norm == "batch" else nn.Identity(),
+            nn.LeakyReLU(0.2), nn.Flatten(),
+        )
+        self.head = sn(nn.Linear(wide * s * s, 1))
+        if conditioning == "projection":
+            self.projection = sn(nn.Embedding(num_classes, wide * s * s))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.conditioning == "label_map":
+            size = self.image_size
+            label_map = self.label_map(labels).view(-1, 1, *(1, 1) if self.arch == "notes_e" else (size, size))
+            x = torch.cat([x, label_map.expand(-1, 1, size, size).to(x.dtype)], dim=1)
+        h = self.features(x)
+        logits = self.head(h).squeeze(1)
+        if self.conditioning == "projection":
+            logits = logits + (self.projection(labels) * h).sum(dim=1)
+        return logits

@@ -1,0 +1,126 @@
+"""Class-conditional diffusion pipeline: a diffusers `UNet2DModel` with class embeddings and any scheduler.
+
+This file imports only torch and diffusers: it is copied into every exported pipeline folder as
+`pipeline.py`, so stock diffusers can load the export without this project installed:
+
+    DiffusionPipeline.from_pretrained(path, custom_pipeline=path, trust_remote_code=True)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (documents the accepted schedulers)
+from diffusers.utils.torch_utils import randn_tensor
+
+ClassLabels = Union[int, str, Sequence[Union[int, str]], torch.Tensor]
+
+
+def class_label_tensor(class_labels: ClassLabels, class_names: Optional[List[str]], num_classes: int,
+                       device: torch.device) -> torch.Tensor:
+    """Class ids (or names) as a 1-d int64 tensor, checked against the number of classes."""
+    if isinstance(class_labels, torch.Tensor):
+        labels = class_labels.reshape(-1).tolist()
+    elif isinstance(class_labels, (int, str)):
+        labels = [class_labels]
+    else:
+        labels = list(class_labels)
+    ids = []
+    for label in labels:
+        if isinstance(label, str):
+            names = list(class_names or [])
+            if label not in names:
+                raise ValueError(f"unknown class name {label!r}; valid names: {', '.join(names) or '(none saved)'}")
+            ids.append(names.index(label))
+        else:
+            if not 0 <= int(label) < num_classes:
+                raise ValueError(f"class label {label} is out of range; valid labels are 0..{num_classes - 1}")
+            ids.append(int(label))
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def images_to_output(images: torch.Tensor, output_type: str, numpy_to_pil) -> Union[torch.Tensor, np.ndarray, list]:
+    """[-1, 1] (B, C, H, W) -> 'pt' [0, 1] tensor, 'np' [0, 1] (B, H, W, C) array, or 'pil' images."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type={output_type!r}: valid choices are pil, np, pt")
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images.cpu()
+    array = images.cpu().permute(0, 2, 3, 1).numpy()
+    return array if output_type == "np" else numpy_to_pil(array)
+
+
+class ClassConditionalDiffusionPipeline(DiffusionPipeline):
+    """Samples class-conditional images with classifier-free guidance.
+
+    Args:
+        unet: a `UNet2DModel` with `num_class_embeds` = number of classes (+1 for the guidance null class).
+        scheduler: `DDPMScheduler`, `DDIMScheduler`, `DPMSolverMultistepScheduler`, ...; swap with
+            `Scheduler.from_config(pipe.scheduler.config)`.
+        class_names: names of the classes, in label order.
+        image_size: the dataset's own image size; samples are centre-cropped to it when the U-Net
+            works on padded images (Fashion-MNIST 28 -> 32).
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler, class_names: Optional[List[str]] = None,
+                 image_size: Optional[int] = None, num_classes: Optional[int] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=class_names, image_size=image_size, num_classes=num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        if self.config.num_classes is not None:
+            return self.config.num_classes
+        return len(self.config.class_names) if self.config.class_names else self.unet.config.num_class_embeds
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.unet.config.num_class_embeds == self.num_classes + 1
+
+    @torch.no_grad()
+    def __call__(self, class_labels: ClassLabels, num_inference_steps: int = 50, guidance_scale: float = 1.0,
+                 eta: float = 0.0, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Generate one image per entry of `class_labels` (ids or names).
+
+        `guidance_scale` w mixes predictions as uncond + w * (cond - uncond); 1 is the plain
+        conditional model. Both halves go through the U-Net in one batched call per step.
+        """
+        labels = class_label_tensor(class_labels, self.config.class_names, self.num_classes, self._execution_device)
+        guided = guidance_scale != 1.0
+        if guided and not self.has_null_class:
+            raise ValueError("guidance_scale != 1 needs a U-Net trained with label dropout (a null class); "
+                             "this one has none: use guidance_scale=1")
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (len(labels), self.unet.config.in_channels, *size)
+        sample = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        sample = sample * self.scheduler.init_noise_sigma
+        model_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([sample, sample]) if guided else sample
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            output = self.unet(model_input, t, class_labels=model_labels).sample
+            if guided:
+                cond, uncond = output.chunk(2)
+                output = uncond + guidance_scale * (cond - uncond)
+            sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample
+        crop = self.config.image_size
+        if crop is not None and crop < sample.shape[-1]:
+            top = (sample.shape[-2] - crop) // 2
+            left = (sample.shape[-1] - crop) // 2
+            sample = sample[..., top: top + crop, left: left + crop]
+        images = images_to_output(sample, output_type, self.numpy_to_pil)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,286 @@
+"""What both trainers share: the run directory, the Accelerator, W&B, checkpoints, EMA, grids."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from .config import ConfigError, LogConfig, save_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "training_state.json"
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds another run, or the checkpoint to resume from is missing."""
+
+
+def prepare_run_dir(output_dir: str | Path, cfg: Any, resume: Optional[str], overwrite: bool) -> Path:
+    """Make sure `output_dir` is ours to write: empty, ours to resume, or explicitly overwritten."""
+    out = Path(output_dir)
+    saved = out / "config.yaml"
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif resume is None:
+            raise RunDirError(
+                f"{out} already holds files{' of a run' if saved.exists() else ''}; pass --resume latest to "
+                "continue it, --overwrite to replace it, or choose another output_dir"
+            )
+    elif resume is not None and resume == "latest":
+        logger.info("no previous run in %s: starting from scratch", out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def wandb_mode(cfg: LogConfig) -> str:
+    """'auto' means online when an API key is configured, offline (synced later) otherwise."""
+    if cfg.wandb != "auto":
+        return cfg.wandb
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
+    if not has_key:
+        logger.warning("no W&B API key found: logging offline to <output_dir>/wandb (upload later with `wandb sync`)")
+    return "online" if has_key else "offline"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
+    """An Accelerator set up from the config (precision, accumulation, W&B), with the seed applied."""
+    mode = wandb_mode(cfg.log)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with="wandb" if mode != "disabled" else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    # Same seed on every process: models start identical; data sharding comes from the loader.
+    set_seed(cfg.seed)
+    if mode != "disabled":
+        accelerator.init_trackers(
+            cfg.log.project,
+            config=to_dict(cfg),
+            init_kwargs={"wandb": {"name": cfg.log.run_name or output_dir.name, "tags": list(cfg.log.tags),
+                                   "mode": mode, "dir": str(output_dir)}},
+        )
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+    return accelerator
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Half-written ones have a temporary name and are ignored."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int,
+                    extra: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write models, optimizers, RNG states and `extra` tensors; visible only once complete.
+
+    The state goes to a temporary folder that is renamed when everything is on disk, so a kill
+    mid-write leaves the previous checkpoint as the latest complete one.
+    """
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step:09d}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:09d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if extra:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump({"step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """`latest` -> newest complete checkpoint (None on a fresh run); a path -> that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise RunDirError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); "
+                          f"complete ones: {[str(p) for p in list_checkpoints(output_dir)] or 'none'}")
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore what `save_checkpoint` wrote; return the step and the `extra` tensors."""
+    from safetensors.torch import load_file
+
+    try:
+        accelerator.load_state(str(path))
+        step = int(json.loads((path / STATE_FILE).read_text())["step"])
+        extra_file = path / "extra.safetensors"
+        extra = load_file(str(extra_file)) if extra_file.exists() else {}
+    except Exception as err:
+        raise RunDirError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
+                          "it may be corrupt: remove it to resume from the one before") from None
+    return step, extra
+
+
+class Ticker:
+    """Decides when periodic upkeep (logs, checkpoints) is due, by steps and by wall time."""
+
+    def __init__(self, every_steps: Optional[int], every_minutes: Optional[float] = None):
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60 if every_minutes else None
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        by_steps = self.every_steps is not None and step % self.every_steps == 0
+        by_time = self.every_seconds is not None and time.monotonic() - self.last >= self.every_seconds
+        if by_steps or by_time:
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+def ema_state(ema) -> dict[str, torch.Tensor]:
+    """A diffusers `EMAModel` as flat tensors for safetensors (no pickle in checkpoints)."""
+    state = {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}
+    state["ema.optimization_step"] = torch.tensor(ema.optimization_step)
+    return state
+
+
+def load_ema_state(ema, extra: dict[str, torch.Tensor]) -> None:
+    for i, p in enumerate(ema.shadow_params):
+        p.data.copy_(extra[f"ema.{i}"].to(p.device))
+    ema.optimization_step = int(extra["ema.optimization_step"])
+
+
+@contextlib.contextmanager
+def ema_weights(ema, model: torch.nn.Module) -> Iterator[None]:
+    """Temporarily put the EMA weights into `model` (for sampling and export); no-op without EMA."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+def class_grid_labels(num_classes: int, per_class: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Report A's fixed labels: one row per class, `per_class` images in each row."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+def save_grid(accelerator: Accelerator, images: torch.Tensor, nrow: int, path: Path, key: str, step: int,
+              caption: str = "") -> None:
+    """Save `images` in [0, 1] (B, C, H, W) as a PNG grid and log it to W&B (main process only)."""
+    from torchvision.utils import save_image
+
+    if not accelerator.is_main_process:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float().cpu(), str(path), nrow=nrow, padding=2, pad_value=1.0)
+    log_image(accelerator, key, path, step, caption)
+
+
+def log_image(accelerator: Accelerator, key: str, path: Path, step: int, caption: str = "") -> None:
+    if not accelerator.is_main_process:
+        return
+    try:
+        tracker = accelerator.get_tracker("wandb", unwrap=True)
+    except (ValueError, KeyError):
+        return
+    if tracker is not None and hasattr(tracker, "log"):
+        import wandb
+
+        tracker.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
+
+def progress(accelerator: Accelerator, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
+                dynamic_ncols=True)
+
+
+def write_stats(output_dir: Path, record: dict) -> None:
+    """Append one JSON line to `stats.jsonl` (the run's own log, readable without W&B)."""
+    with open(output_dir / "stats.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_pipeline(pipeline, path: Path, extra_files: Optional[dict[str, Path]] = None) -> Path:
+    """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an export."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(str(tmp), safe_serialization=True)
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, tmp / name)
+    old = path.with_name(f".old-{path.name}")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses; too many in a row stops the run (the last checkpoint stays intact)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def ok(self, *losses: torch.Tensor) -> bool:
+        # One host sync per step: the price of never letting a NaN into the weights.
+        finite = bool(torch.isfinite(torch.stack([l.detach().float() for l in losses])).all())
+        if finite:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise FloatingPointError(
+                f"{self.in_row} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
+                "stopping. The last checkpoint is intact: lower the learning rate or use mixed_precision=no/bf16, "
+                "then --resume latest"
+            )
+        return False

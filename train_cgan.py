@@ -1,0 +1,136 @@
+"""Train a conditional GAN (report A / notes E architectures; BCE, WGAN-GP, LSGAN or hinge loss).
+
+    python train_cgan.py --config configs/cgan/demo_cpu.yaml [section.key=value ...]
+    accelerate launch train_cgan.py --config configs/cgan/report_a.yaml train.mixed_precision=bf16
+    python train_cgan.py --config ... --resume latest
+
+Writes to `output_dir`: config.yaml, stats.jsonl, grids/ (one row per class, every epoch),
+checkpoints/, and pipeline/ (a `CGANPipeline` for `from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pipelines.cli import run_cli
+from pipelines.config import CGANConfig
+from pipelines.data import BatchLoader, load_tensors
+from pipelines.gan import GANStep, build_cgan, class_interpolation, latent_interpolation, make_optimizers
+from pipelines.losses import gan_loss
+from pipelines.pipeline_cgan import CGANPipeline
+from pipelines.training import (
+    NonFiniteGuard, Ticker, class_grid_labels, ema_state, ema_weights, load_checkpoint, load_ema_state,
+    make_accelerator, prepare_run_dir, progress, resolve_resume, save_checkpoint, save_grid, save_pipeline,
+    write_stats,
+)
+
+GRID_PER_CLASS = 10  # report A's 10x10 grid
+
+
+def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
+    out = prepare_run_dir(cfg.output_dir, cfg, args.resume, args.overwrite)
+    accelerator = make_accelerator(cfg, out)
+    device = accelerator.device
+
+    # Data: decoded once, kept as uint8 on the device, sharded by process.
+    with accelerator.main_process_first():
+        data = load_tensors(cfg.data)
+    loader = BatchLoader(data, cfg.train.batch_size, cfg.seed, process_index=accelerator.process_index,
+                         num_processes=accelerator.num_processes, pad_to=cfg.data.pad_to, hflip=cfg.data.hflip,
+                         device=device if cfg.data.on_device else "cpu")
+    channels, size, _ = loader.image_shape
+
+    # Models, optimizers, EMA.
+    generator, discriminator = build_cgan(cfg, data.num_classes, channels, size)
+    opt_g, opt_d = make_optimizers(cfg, generator, discriminator, device)
+    generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(generator).parameters(), decay=cfg.train.ema_decay)
+        ema.to(device)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    step_fn = GANStep(accelerator, generator, discriminator, opt_g, opt_d, gan_loss(cfg.loss.name),
+                      cfg.loss.gp_weight, cfg.loss.critic_steps, guard, ema)
+
+    # Resume: one integer (the step) plus the saved state.
+    step = 0
+    checkpoint = resolve_resume(out, args.resume)
+    if checkpoint is not None:
+        step, extra = load_checkpoint(accelerator, checkpoint)
+        if ema is not None:
+            load_ema_state(ema, extra)
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    steps_per_epoch = len(loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    # Fixed noise for the per-epoch grids, drawn from the run's seed.
+    unwrapped = accelerator.unwrap_model(generator)
+    grid_labels = class_grid_labels(data.num_classes, GRID_PER_CLASS, device)
+    grid_noise = unwrapped.sample_noise(len(grid_labels), torch.Generator().manual_seed(cfg.seed), torch.device("cpu"))
+    pipeline = CGANPipeline(model=unwrapped, class_names=data.class_names)
+
+    def sample(labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        unwrapped.eval()
+        with ema_weights(ema, unwrapped):
+            images = pipeline(labels, latents=noise, output_type="pt").images
+        unwrapped.train()
+        return images
+
+    log_ticker = Ticker(cfg.log.every_steps)
+    ckpt_ticker = Ticker(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+    bar = progress(accelerator, total_steps, step, "cgan")
+    pending: list[dict] = []
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        for real, labels in loader.epoch(epoch, start_step=step % steps_per_epoch):
+            measure = (step + 1) % cfg.log.every_steps == 0
+            pending.append(step_fn(step, real, labels, measure_grads=measure))
+            step += 1
+            bar.update(1)
+            if log_ticker.due(step):
+                # The only host sync of the loop body (besides the non-finite check).
+                record = {k: torch.stack([m[k] for m in pending if k in m]).float().mean().item()
+                          for k in {k for m in pending for k in m}}
+                record.update(step=step, epoch=epoch, lr_g=opt_g.param_groups[0]["lr"],
+                              lr_d=opt_d.param_groups[0]["lr"], nonfinite_skipped=guard.total)
+                pending.clear()
+                accelerator.log(record, step=step)
+                if accelerator.is_main_process:
+                    write_stats(out, record)
+                bar.set_postfix(loss_d=f"{record['loss_d']:.3f}", loss_g=f"{record.get('loss_g', float('nan')):.3f}")
+            end_of_epoch = step % steps_per_epoch == 0
+            if ckpt_ticker.due(step) or (cfg.checkpoint.every_steps is None and end_of_epoch) or step == total_steps:
+                save_checkpoint(accelerator, out, step, cfg.checkpoint.keep, ema_state(ema) if ema else None)
+            if end_of_epoch and ((epoch + 1) % cfg.log.grid_every_epochs == 0 or step == total_steps):
+                save_grid(accelerator, sample(grid_labels, grid_noise), GRID_PER_CLASS,
+                          out / "grids" / f"epoch_{epoch + 1:03d}.png", "samples", step, f"epoch {epoch + 1}")
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # Final grids, interpolations (notes E) and the exported pipeline, all from the EMA weights if any.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_grid(accelerator, sample(grid_labels, grid_noise), GRID_PER_CLASS, out / "grids" / "final.png",
+                  "samples", step, "final")
+        unwrapped.eval()
+        with ema_weights(ema, unwrapped):
+            for name, fn in (("latent_interpolation", latent_interpolation), ("class_interpolation", class_interpolation)):
+                images = (fn(unwrapped, data.num_classes, GRID_PER_CLASS, cfg.seed) / 2 + 0.5).clamp(0, 1)
+                save_grid(accelerator, images, GRID_PER_CLASS, out / f"{name}.png", name, step)
+            save_pipeline(pipeline, out / "pipeline")
+        accelerator.print(f"done: {step} steps; pipeline in {out / 'pipeline'}; grids in {out / 'grids'}")
+    accelerator.end_training()
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(CGANConfig, train, __doc__))
