@@ -23,9 +23,8 @@ from pipelines.gan import GANStep, build_cgan, class_interpolation, latent_inter
 from pipelines.losses import gan_loss
 from pipelines.pipeline_cgan import CGANPipeline
 from pipelines.training import (
-    NonFiniteGuard, Ticker, class_grid_labels, ema_state, ema_weights, load_checkpoint, load_ema_state,
-    make_accelerator, prepare_run_dir, progress, resolve_resume, save_checkpoint, save_grid, save_pipeline,
-    write_stats,
+    NonFiniteGuard, Upkeep, class_grid_labels, ema_state, ema_weights, load_checkpoint, load_ema_state,
+    make_accelerator, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
 )
 
 GRID_PER_CLASS = 10  # report A's 10x10 grid
@@ -84,43 +83,28 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
         unwrapped.train()
         return images
 
-    log_ticker = Ticker(cfg.log.every_steps)
-    ckpt_ticker = Ticker(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+    def draw_grid(name: str, at_step: int) -> None:
+        if accelerator.is_main_process:
+            save_grid(accelerator, sample(grid_labels, grid_noise), GRID_PER_CLASS, out / "grids" / f"{name}.png",
+                      "samples", at_step, name)
+
+    upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps,
+                    lambda: ema_state(ema) if ema else None, draw_grid)
     bar = progress(accelerator, total_steps, step, "cgan")
-    pending: list[dict] = []
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        for real, labels in loader.epoch(epoch, start_step=step % steps_per_epoch):
-            measure = (step + 1) % cfg.log.every_steps == 0
-            pending.append(step_fn(step, real, labels, measure_grads=measure))
-            step += 1
-            bar.update(1)
-            if log_ticker.due(step):
-                # The only host sync of the loop body (besides the non-finite check).
-                record = {k: torch.stack([m[k] for m in pending if k in m]).float().mean().item()
-                          for k in {k for m in pending for k in m}}
-                record.update(step=step, epoch=epoch, lr_g=opt_g.param_groups[0]["lr"],
-                              lr_d=opt_d.param_groups[0]["lr"], nonfinite_skipped=guard.total)
-                pending.clear()
-                accelerator.log(record, step=step)
-                if accelerator.is_main_process:
-                    write_stats(out, record)
-                bar.set_postfix(loss_d=f"{record['loss_d']:.3f}", loss_g=f"{record.get('loss_g', float('nan')):.3f}")
-            end_of_epoch = step % steps_per_epoch == 0
-            if ckpt_ticker.due(step) or (cfg.checkpoint.every_steps is None and end_of_epoch) or step == total_steps:
-                save_checkpoint(accelerator, out, step, cfg.checkpoint.keep, ema_state(ema) if ema else None)
-            if end_of_epoch and ((epoch + 1) % cfg.log.grid_every_epochs == 0 or step == total_steps):
-                save_grid(accelerator, sample(grid_labels, grid_noise), GRID_PER_CLASS,
-                          out / "grids" / f"epoch_{epoch + 1:03d}.png", "samples", step, f"epoch {epoch + 1}")
-            if step >= total_steps:
-                break
+    for _, [(real, labels)] in steps_from(loader, step, total_steps):
+        metrics = step_fn(step, real, labels, measure_grads=(step + 1) % cfg.log.every_steps == 0)
+        step += 1
+        bar.update(1)
+        record = upkeep.after_step(step, metrics, lr_g=opt_g.param_groups[0]["lr"],
+                                   lr_d=opt_d.param_groups[0]["lr"], nonfinite_skipped=guard.total)
+        if record:
+            bar.set_postfix(loss_d=f"{record['loss_d']:.3f}", loss_g=f"{record.get('loss_g', float('nan')):.3f}")
     bar.close()
 
     # Final grids, interpolations (notes E) and the exported pipeline, all from the EMA weights if any.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_grid(accelerator, sample(grid_labels, grid_noise), GRID_PER_CLASS, out / "grids" / "final.png",
-                  "samples", step, "final")
+        draw_grid("final", step)
         unwrapped.eval()
         with ema_weights(ema, unwrapped):
             for name, fn in (("latent_interpolation", latent_interpolation), ("class_interpolation", class_interpolation)):

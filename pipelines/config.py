@@ -60,6 +60,7 @@ class LogConfig:
     tags: list[str] = field(default_factory=list)
     every_steps: int = 50  # scalar logging interval; each log is one host sync
     grid_every_epochs: int = 1  # per-class sample grid interval
+    showcase_class: int = 0  # the class of the final many-samples-of-one-class picture (report C used cat, 3)
 
     def validate(self) -> None:
         _positive(self, "every_steps", "log")

@@ -9,7 +9,7 @@ This file imports only torch and diffusers: it is copied into every exported pip
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -87,11 +87,13 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels: ClassLabels, num_inference_steps: int = 50, guidance_scale: float = 1.0,
                  eta: float = 0.0, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True,
+                 callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None):
         """Generate one image per entry of `class_labels` (ids or names).
 
         `guidance_scale` w mixes predictions as uncond + w * (cond - uncond); 1 is the plain
         conditional model. Both halves go through the U-Net in one batched call per step.
+        `callback(i, t, sample)` is called after each step (for denoising strips).
         """
         labels = class_label_tensor(class_labels, self.config.class_names, self.num_classes, self._execution_device)
         guided = guidance_scale != 1.0
@@ -107,7 +109,7 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         model_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([sample, sample]) if guided else sample
             model_input = self.scheduler.scale_model_input(model_input, t)
             output = self.unet(model_input, t, class_labels=model_labels).sample
@@ -115,6 +117,8 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
                 cond, uncond = output.chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
             sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample
+            if callback is not None:
+                callback(i, t, sample)
         crop = self.config.image_size
         if crop is not None and crop < sample.shape[-1]:
             top = (sample.shape[-2] - crop) // 2

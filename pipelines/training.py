@@ -284,3 +284,58 @@ class NonFiniteGuard:
                 "then --resume latest"
             )
         return False
+
+
+def steps_from(loader, step: int, total_steps: int, accumulation: int = 1) -> Iterator[tuple[int, list]]:
+    """Yield `(epoch, micro_batches)` for each optimizer step from `step` to `total_steps`.
+
+    An optimizer step uses `accumulation` consecutive batches of one epoch; the position in the
+    data is a pure function of the step, which is what makes resume exact.
+    """
+    per_epoch = len(loader) // accumulation
+    if per_epoch == 0:
+        raise ValueError(f"an epoch has {len(loader)} batches, fewer than gradient_accumulation_steps={accumulation}")
+    while step < total_steps:
+        epoch = step // per_epoch
+        batches = loader.epoch(epoch, start_step=(step % per_epoch) * accumulation)
+        for _ in range(min(per_epoch - step % per_epoch, total_steps - step)):
+            yield epoch, [next(batches) for _ in range(accumulation)]
+            step += 1
+
+
+class Upkeep:
+    """Everything periodic after an optimizer step: logging, checkpoints, sample grids.
+
+    Metrics arrive as device tensors and are read (one host sync) only when a log is due.
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: Any, output_dir: Path, steps_per_epoch: int,
+                 total_steps: int, checkpoint_extra, draw_grid):
+        self.acc, self.cfg, self.out = accelerator, cfg, output_dir
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.checkpoint_extra, self.draw_grid = checkpoint_extra, draw_grid
+        self.log_ticker = Ticker(cfg.log.every_steps)
+        self.ckpt_ticker = Ticker(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+        self.pending: list[dict] = []
+
+    def after_step(self, step: int, metrics: dict, **scalars: float) -> Optional[dict]:
+        """Call with the number of completed steps; returns the logged record when one was written."""
+        self.pending.append(metrics)
+        record = None
+        if self.log_ticker.due(step) or step == self.total_steps:
+            keys = {k for m in self.pending for k in m}
+            record = {k: torch.stack([m[k] for m in self.pending if k in m]).float().mean().item() for k in keys}
+            record.update(step=step, epoch=(step - 1) // self.steps_per_epoch + 1, **scalars)
+            self.pending.clear()
+            self.acc.log(record, step=step)
+            if self.acc.is_main_process:
+                write_stats(self.out, record)
+        end_of_epoch = step % self.steps_per_epoch == 0
+        last = step == self.total_steps
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        if end_of_epoch and (epoch % self.cfg.log.grid_every_epochs == 0 or last):
+            self.draw_grid(f"epoch_{epoch:03d}", step)
+        ckpt_cfg = self.cfg.checkpoint
+        if self.ckpt_ticker.due(step) or (ckpt_cfg.every_steps is None and end_of_epoch) or last:
+            save_checkpoint(self.acc, self.out, step, ckpt_cfg.keep, self.checkpoint_extra())
+        return record

@@ -1,0 +1,79 @@
+"""Conditional-diffusion training pieces used by `train_ddpm.py`: noise scheduler, LR schedule, one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from diffusers import DDPMScheduler
+
+from .config import DDPMOptimConfig, DiffusionConfig
+from .losses import diffusion_loss, min_snr_weights
+from .training import NonFiniteGuard
+
+
+def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: DDPMOptimConfig, total_steps: int, num_processes: int):
+    """The LR schedule, counted as accelerate steps it: once per process for each optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    total = total_steps * num_processes
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total, 2))
+    name = "cosine" if cfg.schedule == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps * num_processes, num_training_steps=total)
+
+
+@dataclass
+class DiffusionStep:
+    """One micro-batch of the noise-prediction objective; the optimizer steps when accumulation is complete.
+
+    Returns detached tensors (no host sync) so the caller reads them only at logging time.
+    """
+
+    accelerator: object
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    noise_scheduler: DDPMScheduler
+    cfg: DiffusionConfig
+    num_classes: int
+    max_grad_norm: Optional[float]
+    guard: NonFiniteGuard
+    ema: Optional[object] = None
+
+    def __call__(self, x0: torch.Tensor, labels: torch.Tensor) -> dict:
+        acc, cfg = self.accelerator, self.cfg
+        metrics: dict = {}
+        with acc.accumulate(self.unet):
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            if cfg.label_dropout > 0:
+                drop = torch.rand(x0.shape[0], device=x0.device) < cfg.label_dropout
+                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            x_t = self.noise_scheduler.add_noise(x0, noise, t)
+            target = noise if cfg.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
+            prediction = self.unet(x_t, t, class_labels=labels).sample
+            weights = None
+            if cfg.snr_gamma is not None:
+                abar = self.noise_scheduler.alphas_cumprod.to(x0.device)[t]
+                weights = min_snr_weights(abar / (1 - abar), cfg.snr_gamma, cfg.prediction_type)
+            loss = diffusion_loss(prediction, target, weights)
+            metrics["loss"] = loss.detach()
+            if not self.guard.ok(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return metrics
+            acc.backward(loss)
+            if acc.sync_gradients and self.max_grad_norm is not None:
+                metrics["grad_norm"] = acc.clip_grad_norm_(self.unet.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.lr_schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients and self.ema is not None:
+            self.ema.step(acc.unwrap_model(self.unet).parameters())
+        return metrics

@@ -1,0 +1,176 @@
+"""The conditional GAN: models, pipeline export, and train_cgan.py end to end on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import CGANDiscriminator, CGANGenerator, CGANPipeline
+from pipelines.config import CGANConfig
+from pipelines.gan import GANStep
+from pipelines.losses import gan_loss
+from pipelines.training import NonFiniteGuard, list_checkpoints
+from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir, run_script
+
+TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.base_channels=8", "model.latent_dim=16",
+        "model.label_emb_dim=8", "train.batch_size=32", "train.epochs=2", "log.every_steps=4"]
+
+
+@pytest.mark.parametrize("arch", ["report_a", "notes_e"])
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+@pytest.mark.parametrize("norm,conditioning", [("batch", "label_map"), ("spectral", "projection")])
+def test_shapes(arch, size, channels, norm, conditioning):
+    g = CGANGenerator(arch=arch, image_size=size, channels=channels, base_channels=8, latent_dim=16)
+    d = CGANDiscriminator(arch=arch, image_size=size, channels=channels, base_channels=8, norm=norm,
+                          conditioning=conditioning)
+    labels = torch.tensor([0, 3, 9])
+    images = g(g.sample_noise(3), labels)
+    assert images.shape == (3, channels, size, size)
+    assert images.min() >= -1 and images.max() <= 1  # Tanh output, the data's range
+    assert d(images, labels).shape == (3,)
+
+
+def test_discriminator_uses_the_label():
+    torch.manual_seed(0)
+    d = CGANDiscriminator(base_channels=8).eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert not torch.allclose(d(x, torch.tensor([0, 0])), d(x, torch.tensor([5, 5])))
+
+
+@pytest.mark.parametrize("noise", ["normal", "uniform"])
+def test_noise_is_seeded_and_in_range(noise):
+    g = CGANGenerator(noise=noise, latent_dim=1000)
+    a = g.sample_noise(4, torch.Generator().manual_seed(1))
+    b = g.sample_noise(4, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    if noise == "uniform":
+        assert a.min() >= -1 and a.max() <= 1 and a.std() < 0.7  # U[-1, 1] has std 0.577
+    else:
+        assert a.min() < -2 and 0.9 < a.std() < 1.1
+
+
+def test_bad_arch_and_size_are_rejected():
+    with pytest.raises(ValueError, match="report_a, notes_e"):
+        CGANGenerator(arch="dcgan")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        CGANGenerator(image_size=30)
+
+
+def test_pipeline_labels_by_name_and_range_errors():
+    pipe = CGANPipeline(model=CGANGenerator(base_channels=8).eval(), class_names=[f"c{i}" for i in range(10)])
+    out = pipe(["c2", 7], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, 28, 28, 1) and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="out of range; valid labels are 0..9"):
+        pipe([10])
+    with pytest.raises(ValueError, match="unknown class name 'shoe'"):
+        pipe(["shoe"])
+
+
+def test_pipeline_round_trip_in_a_new_process(tmp_path):
+    torch.manual_seed(0)
+    pipe = CGANPipeline(model=CGANGenerator(base_channels=8, noise="uniform").eval(), class_names=list("abcdefghij"))
+    expected = pipe([0, 4, 9], generator=torch.Generator().manual_seed(3), output_type="np").images
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "model" / "diffusion_pytorch_model.safetensors").exists()
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from pipelines import CGANPipeline\n"
+        "p = CGANPipeline.from_pretrained(sys.argv[1])\n"
+        "np.save(sys.argv[2], p([0, 4, 9], generator=torch.Generator().manual_seed(3), output_type='np').images)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe"), str(tmp_path / "out.npy")], check=True,
+                   cwd=tmp_path)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+def test_nonfinite_loss_skips_the_step_and_stops_after_the_limit():
+    g, d = CGANGenerator(base_channels=8), CGANDiscriminator(base_channels=8)
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    nan_loss = gan_loss("bce")._replace(discriminator=lambda r, f: (r.mean() + f.mean()) * float("nan"))
+    opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
+    step = GANStep(acc, g, d, opt_g, opt_d, nan_loss, 10.0, 1, NonFiniteGuard(limit=3))
+    before = [p.clone() for p in d.parameters()]
+    x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4)
+    step(0, x, y)
+    step(1, x, y)
+    assert step.skipped == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, d.parameters()))
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        step(2, x, y)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cgan") / "run"
+    assert run_script("train_cgan", CGANConfig, out, TINY + ["train.ema_decay=0.9"]) == 0
+    return out
+
+
+def test_short_run_writes_grids_checkpoints_and_pipeline(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "stats.jsonl", "grids/epoch_001.png", "grids/epoch_002.png", "grids/final.png",
+                 "latent_interpolation.png", "class_interpolation.png", "pipeline/model_index.json"):
+        assert (out / name).exists(), name
+    assert [p.name for p in list_checkpoints(out)] == ["step_000000008", "step_000000016"]
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert {"loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "lr_g", "lr_d"} <= set(records[0])
+    assert records[0]["loss_d"] != records[-1]["loss_d"]
+    # The discriminator learns to tell real from fake: D(real) - D(fake) grows from about 0.
+    assert records[-1]["d_real"] - records[-1]["d_fake"] > records[0]["d_real"] - records[0]["d_fake"]
+    pipe = CGANPipeline.from_pretrained(out / "pipeline")
+    images = pipe(list(range(10)), generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (10, 1, 28, 28)
+
+
+def test_same_seed_gives_identical_grids(finished_run, tmp_path):
+    again = tmp_path / "again"
+    assert run_script("train_cgan", CGANConfig, again, TINY + ["train.ema_decay=0.9"]) == 0
+    assert (again / "grids" / "final.png").read_bytes() == (finished_run / "grids" / "final.png").read_bytes()
+    assert_same_tensors(load_safetensors_dir(again / "pipeline"), load_safetensors_dir(finished_run / "pipeline"))
+
+
+def test_resume_from_mid_run_checkpoint_equals_uninterrupted(finished_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(finished_run, resumed)
+    shutil.rmtree(resumed / "pipeline")
+    shutil.rmtree(resumed / "checkpoints" / "step_000000016")  # as if killed during epoch 2
+    assert run_script("train_cgan", CGANConfig, resumed, TINY + ["train.ema_decay=0.9"], "--resume", "latest") == 0
+    assert_same_tensors(load_safetensors_dir(resumed / "pipeline"), load_safetensors_dir(finished_run / "pipeline"))
+    a = load_safetensors_dir(resumed / "checkpoints" / "step_000000016")
+    b = load_safetensors_dir(finished_run / "checkpoints" / "step_000000016")
+    assert_same_tensors(a, b)  # both networks and the EMA
+
+
+def test_existing_run_dir_is_not_overwritten_without_asking(finished_run, capsys):
+    before = (finished_run / "stats.jsonl").read_text()
+    assert run_script("train_cgan", CGANConfig, finished_run, TINY) == 2
+    assert "--resume latest" in capsys.readouterr().err
+    assert (finished_run / "stats.jsonl").read_text() == before
+
+
+def test_wgan_gp_with_critic_steps_runs(tmp_path):
+    out = tmp_path / "wgan"
+    overrides = TINY + ["loss.name=wgan_gp", "loss.critic_steps=2", "train.epochs=1", "model.arch=notes_e",
+                        "model.d_norm=spectral", "model.d_conditioning=projection"]
+    assert run_script("train_cgan", CGANConfig, out, overrides) == 0
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert records[0]["lr_d"] == 1e-4  # the seeds' WGAN-GP learning rate
+    assert (out / "pipeline" / "model_index.json").exists()
+
+
+def test_accelerate_launch_runs_the_script(tmp_path):
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+           str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=offline", *TINY, "train.epochs=1"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "pipeline" / "model_index.json").exists()
+    assert list((out / "wandb").glob("offline-run-*")), "an offline W&B run is written locally"

@@ -1,0 +1,198 @@
+"""The conditional diffusion model: U-Net from config, pipeline, and train_ddpm.py end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from pipelines import ClassConditionalDiffusionPipeline
+from pipelines.config import DDPMConfig, DiffusionConfig, UNetConfig
+from pipelines.diffusion import build_noise_scheduler
+from pipelines.models.unet import build_unet
+from pipelines.training import list_checkpoints
+from trainer_utils import assert_same_tensors, load_safetensors_dir, run_script
+
+TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.block_out_channels=[8,16]",
+        "model.attention=[false,true]", "model.layers_per_block=1", "model.norm_num_groups=4",
+        "diffusion.num_train_timesteps=50", "diffusion.sample_steps=2", "train.batch_size=32", "train.epochs=2",
+        "optim.lr=0.002", "optim.warmup_steps=2", "log.every_steps=4", "train.ema_decay=0.9"]
+
+
+def tiny_pipeline(null_class: bool = True, image_size=None, sample_size=28, seed=0):
+    torch.manual_seed(seed)
+    cfg = UNetConfig(block_out_channels=[4, 8], attention=[False, True], layers_per_block=1, norm_num_groups=4)
+    unet = build_unet(cfg, num_classes=10, channels=1, sample_size=sample_size, null_class=null_class).eval()
+    scheduler = DDIMScheduler.from_config(build_noise_scheduler(DiffusionConfig(num_train_timesteps=50)).config)
+    return ClassConditionalDiffusionPipeline(unet=unet, scheduler=scheduler, class_names=[f"c{i}" for i in range(10)],
+                                             image_size=image_size, num_classes=10)
+
+
+@pytest.mark.parametrize("size,channels,levels", [(28, 1, [8, 16]), (32, 1, [8, 16, 16]), (32, 3, [8, 16, 16])])
+def test_unet_forward_shapes(size, channels, levels):
+    cfg = UNetConfig(block_out_channels=levels, attention=[False] * (len(levels) - 1) + [True], layers_per_block=1,
+                     norm_num_groups=4)
+    unet = build_unet(cfg, num_classes=10, channels=channels, sample_size=size, null_class=True)
+    assert unet.config.num_class_embeds == 11  # ten classes and the guidance null class
+    x = torch.randn(2, channels, size, size)
+    assert unet(x, torch.tensor([3, 40]), class_labels=torch.tensor([1, 10])).sample.shape == x.shape
+
+
+def test_unet_rejects_sizes_it_cannot_halve():
+    cfg = UNetConfig(block_out_channels=[8, 8, 8, 8], attention=[False] * 4, norm_num_groups=4)
+    with pytest.raises(ValueError, match="pad it"):
+        build_unet(cfg, num_classes=10, channels=1, sample_size=28, null_class=False)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_add_noise_is_the_closed_form_forward_process(schedule):
+    sched = build_noise_scheduler(DiffusionConfig(num_train_timesteps=300, beta_schedule=schedule))
+    x0, eps, t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([0, 150, 299])
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(sched.add_noise(x0, eps, t), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+    assert sched.alphas_cumprod[-1] < 0.05  # nearly pure noise at t = T
+
+
+def test_guidance_one_is_the_plain_conditional_sampler():
+    pipe = tiny_pipeline()
+    labels = torch.tensor([1, 7])
+    got = pipe(labels, num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+               output_type="pt").images
+    # The same sampler written out with the scheduler alone.
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(3)
+    x = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(pipe.unet(x, t, class_labels=labels).sample, t, x).prev_sample
+    torch.testing.assert_close(got, (x / 2 + 0.5).clamp(0, 1))
+
+
+def test_guided_batch_equals_separate_conditional_and_unconditional_calls():
+    pipe = tiny_pipeline()
+    w = 3.0
+    got = pipe([2], num_inference_steps=2, guidance_scale=w, generator=torch.Generator().manual_seed(1),
+               output_type="pt").images
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(2)
+    x = torch.randn((1, 1, 28, 28), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            cond = pipe.unet(x, t, class_labels=torch.tensor([2])).sample
+            uncond = pipe.unet(x, t, class_labels=torch.tensor([10])).sample
+            x = sched.step(uncond + w * (cond - uncond), t, x).prev_sample
+    torch.testing.assert_close(got, (x / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler_cls,steps", [(DDPMScheduler, 50), (DDIMScheduler, 10),
+                                                 (DPMSolverMultistepScheduler, 10)])
+def test_schedulers_swap_by_from_config(scheduler_cls, steps):
+    pipe = tiny_pipeline(image_size=28, sample_size=32)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    images = pipe(["c0", 9], num_inference_steps=steps, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 28, 28, 1)  # cropped back from the padded 32x32 to the dataset's size
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def test_same_seed_same_images_and_label_errors():
+    pipe = tiny_pipeline()
+    a = pipe([0, 5], num_inference_steps=2, generator=torch.Generator().manual_seed(4), output_type="np").images
+    b = pipe([0, 5], num_inference_steps=2, generator=torch.Generator().manual_seed(4), output_type="np").images
+    c = pipe([0, 5], num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="np").images
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="valid labels are 0..9"):
+        pipe([10])
+    with pytest.raises(ValueError, match="null class"):
+        tiny_pipeline(null_class=False)([0], guidance_scale=2.0)
+
+
+LOAD_INSTALLED = (
+    "import sys, numpy as np, torch\n"
+    "from pipelines import ClassConditionalDiffusionPipeline\n"
+    "p = ClassConditionalDiffusionPipeline.from_pretrained(sys.argv[1])\n"
+)
+LOAD_STOCK = (
+    "import sys, numpy as np, torch\n"
+    "sys.modules['pipelines'] = None  # as if this project were not installed\n"
+    "from diffusers import DiffusionPipeline\n"
+    "p = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[1], trust_remote_code=True)\n"
+    "assert type(p).__module__ != 'pipelines.pipeline_ddpm'\n"
+)
+SAMPLE = "np.save(sys.argv[2], p([0, 'c3'], num_inference_steps=3, guidance_scale=2.0, " \
+         "generator=torch.Generator().manual_seed(0), output_type='np').images)\n"
+
+
+@pytest.mark.parametrize("loader", [LOAD_INSTALLED, LOAD_STOCK], ids=["installed", "stock-diffusers"])
+def test_exported_pipeline_loads_in_a_new_process(tmp_path, loader):
+    import pipelines.pipeline_ddpm as module
+    from pipelines.training import save_pipeline
+
+    pipe = tiny_pipeline()
+    expected = pipe([0, "c3"], num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+    save_pipeline(pipe, tmp_path / "pipe", extra_files={"pipeline.py": module.__file__})
+    assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    subprocess.run([sys.executable, "-c", loader + SAMPLE, str(tmp_path / "pipe"), str(tmp_path / "out.npy")],
+                   check=True, cwd=tmp_path)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpm") / "run"
+    assert run_script("train_ddpm", DDPMConfig, out, TINY) == 0
+    return out
+
+
+def test_short_run_lowers_the_loss_and_writes_everything(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "grids/epoch_001.png", "grids/final.png", "noise_schedule.png", "loss_curve.png",
+                 "denoising_strip.png", "one_per_class.png", "class_0_samples.png", "pipeline/pipeline.py",
+                 "pipeline/scheduler/scheduler_config.json"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm"} <= set(records[0])
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert [p.name for p in list_checkpoints(out)] == ["step_000000008", "step_000000016"]
+    pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
+    assert pipe.config.class_names[0] == "class_0" and pipe.unet.config.num_class_embeds == 11
+
+
+def test_same_seed_same_run(finished_run, tmp_path):
+    again = tmp_path / "again"
+    assert run_script("train_ddpm", DDPMConfig, again, TINY) == 0
+    assert (again / "grids" / "final.png").read_bytes() == (finished_run / "grids" / "final.png").read_bytes()
+    assert_same_tensors(load_safetensors_dir(again / "pipeline"), load_safetensors_dir(finished_run / "pipeline"))
+
+
+def test_resume_equals_uninterrupted_ema_included(finished_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(finished_run, resumed)
+    shutil.rmtree(resumed / "pipeline")
+    shutil.rmtree(resumed / "checkpoints" / "step_000000016")
+    assert run_script("train_ddpm", DDPMConfig, resumed, TINY, "--resume", "latest") == 0
+    # The exported U-Net holds the EMA weights, so equality covers the EMA as well as the live weights.
+    assert_same_tensors(load_safetensors_dir(resumed / "pipeline"), load_safetensors_dir(finished_run / "pipeline"))
+    assert_same_tensors(load_safetensors_dir(resumed / "checkpoints" / "step_000000016"),
+                        load_safetensors_dir(finished_run / "checkpoints" / "step_000000016"))
+
+
+@pytest.mark.parametrize("options", [
+    ["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5.0", "diffusion.beta_schedule=squaredcos_cap_v2",
+     "optim.schedule=onecycle", "train.gradient_accumulation_steps=2", "diffusion.label_dropout=0"],
+    ["data.pad_to=32", "optim.schedule=constant", "optim.max_grad_norm=null"],
+], ids=["v-minsnr-cosine-onecycle-accum", "padded-constant-noclip"])
+def test_training_options_run(tmp_path, options):
+    out = tmp_path / "run"
+    assert run_script("train_ddpm", DDPMConfig, out, TINY + ["train.epochs=1"] + options) == 0
+    pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
+    images = pipe([1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 28, 28, 1)
