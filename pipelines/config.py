@@ -8,6 +8,7 @@ any work starts, so a typo fails in a second instead of an hour into a run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key, has the wrong type or an invalid value."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -79,6 +99,25 @@ class CheckpointConfig:
         if self.every_minutes is not None and self.every_minutes <= 0:
             raise ConfigError(f"checkpoint.every_minutes={self.every_minutes}: must be positive or null")
         _positive(self, "keep", "checkpoint")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (offline classifier features), and which export counts as best."""
+
+    every_epochs: Optional[int] = None  # None: no evaluation during training
+    num_per_class: int = 100
+    classifier: Optional[str] = None  # None: classifiers/<data.name> of this repository
+    metric: Literal["fid", "kid", "accuracy"] = "fid"  # chooses the best/ export; accuracy is maximised
+    steps: Optional[int] = None  # diffusion sampling steps; None: diffusion.sample_steps
+    guidance: Optional[float] = None  # None: diffusion.sample_guidance
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.every_epochs is not None and self.every_epochs < 1:
+            raise ConfigError(f"eval.every_epochs={self.every_epochs}: must be positive or null")
+        if self.num_per_class < 2:
+            raise ConfigError(f"eval.num_per_class={self.num_per_class}: must be at least 2")
 
 
 @dataclass
@@ -162,6 +201,7 @@ class CGANConfig:
     optim: GANOptimConfig = field(default_factory=GANOptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/cgan"
     seed: int = 0
@@ -191,6 +231,7 @@ class UNetConfig:
                 f"model.attention has {len(self.attention)} entries; it needs one per level of "
                 f"model.block_out_channels ({len(self.block_out_channels)})"
             )
+        _positive(self, "norm_num_groups", "model")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(
@@ -246,6 +287,7 @@ class DDPMConfig:
     optim: DDPMOptimConfig = field(default_factory=DDPMOptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/ddpm"
     seed: int = 0
@@ -357,7 +399,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not all(keys):
             raise ConfigError(f"override '{item}': empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
         node = nested
@@ -394,7 +436,7 @@ def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optiona
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):

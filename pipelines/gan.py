@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .config import DEFAULT_GAN_LR, CGANConfig
+from .config import DEFAULT_GAN_LR, CGANConfig, ConfigError
 from .losses import GANLoss, gradient_penalty
 from .models.cgan import CGANDiscriminator, CGANGenerator
 from .training import NonFiniteGuard
@@ -17,10 +17,13 @@ def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
                ) -> tuple[CGANGenerator, CGANDiscriminator]:
     m = cfg.model
     if m.channels is not None and m.channels != channels:
-        raise ValueError(f"model.channels={m.channels} but the data has {channels}-channel images")
+        raise ConfigError(f"model.channels={m.channels} but the data has {channels}-channel images")
     if m.image_size is not None and m.image_size != image_size:
-        raise ValueError(f"model.image_size={m.image_size} but the data has {image_size}x{image_size} images "
+        raise ConfigError(f"model.image_size={m.image_size} but the data has {image_size}x{image_size} images "
                          "(after data.pad_to)")
+    if image_size % 4:
+        raise ConfigError(f"the cGANs up-sample twice, so the image size must be a multiple of 4; the data gives "
+                          f"{image_size} (data.pad_to can fix that)")
     shared = dict(arch=m.arch, num_classes=num_classes, label_emb_dim=m.label_emb_dim, base_channels=m.base_channels,
                   bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, image_size=image_size, channels=channels)
     generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, **shared)

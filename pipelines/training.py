@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -203,6 +205,18 @@ def ema_weights(ema, model: torch.nn.Module) -> Iterator[None]:
         ema.restore(model.parameters())
 
 
+@contextlib.contextmanager
+def inference_mode(model: torch.nn.Module, ema=None) -> Iterator[None]:
+    """Eval mode (BatchNorm running statistics) and the EMA weights, restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with ema_weights(ema, model):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def class_grid_labels(num_classes: int, per_class: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Report A's fixed labels: one row per class, `per_class` images in each row."""
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
@@ -310,13 +324,20 @@ class Upkeep:
     """
 
     def __init__(self, accelerator: Accelerator, cfg: Any, output_dir: Path, steps_per_epoch: int,
-                 total_steps: int, checkpoint_extra, draw_grid):
+                 total_steps: int, checkpoint_extra, draw_grid, evaluate=None):
         self.acc, self.cfg, self.out = accelerator, cfg, output_dir
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.checkpoint_extra, self.draw_grid = checkpoint_extra, draw_grid
+        self.checkpoint_extra, self.draw_grid, self.evaluate = checkpoint_extra, draw_grid, evaluate
         self.log_ticker = Ticker(cfg.log.every_steps)
         self.ckpt_ticker = Ticker(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         self.pending: list[dict] = []
+        self.preempted = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Cluster preemption: finish the current step, write a checkpoint, then exit (see after_step).
+        self.preempted = True
 
     def after_step(self, step: int, metrics: dict, **scalars: float) -> Optional[dict]:
         """Call with the number of completed steps; returns the logged record when one was written."""
@@ -335,7 +356,17 @@ class Upkeep:
         epoch = (step - 1) // self.steps_per_epoch + 1
         if end_of_epoch and (epoch % self.cfg.log.grid_every_epochs == 0 or last):
             self.draw_grid(f"epoch_{epoch:03d}", step)
+        every = self.cfg.eval.every_epochs
+        if every and end_of_epoch and (epoch % every == 0 or last):
+            if self.evaluate is not None:  # the main process evaluates; the others wait for it
+                self.evaluate(epoch, step)
+            self.acc.wait_for_everyone()
         ckpt_cfg = self.cfg.checkpoint
-        if self.ckpt_ticker.due(step) or (ckpt_cfg.every_steps is None and end_of_epoch) or last:
+        due = self.ckpt_ticker.due(step) or (ckpt_cfg.every_steps is None and end_of_epoch) or last
+        if due or self.preempted:
             save_checkpoint(self.acc, self.out, step, ckpt_cfg.keep, self.checkpoint_extra())
+        if self.preempted:
+            self.acc.print(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume latest")
+            self.acc.end_training()
+            raise SystemExit(143)
         return record

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from pipelines import ClassConditionalDiffusionPipeline
-from pipelines.config import DDPMConfig, DiffusionConfig, UNetConfig
+from pipelines.config import ConfigError, DDPMConfig, DiffusionConfig, UNetConfig
 from pipelines.diffusion import build_noise_scheduler
 from pipelines.models.unet import build_unet
 from pipelines.training import list_checkpoints
@@ -46,7 +46,7 @@ def test_unet_forward_shapes(size, channels, levels):
 
 def test_unet_rejects_sizes_it_cannot_halve():
     cfg = UNetConfig(block_out_channels=[8, 8, 8, 8], attention=[False] * 4, norm_num_groups=4)
-    with pytest.raises(ValueError, match="pad it"):
+    with pytest.raises(ConfigError, match="pad it"):
         build_unet(cfg, num_classes=10, channels=1, sample_size=28, null_class=False)
 
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from diffusers import UNet2DModel
 
-from ..config import UNetConfig
+from ..config import ConfigError, UNetConfig
 
 
 def build_unet(cfg: UNetConfig, num_classes: int, channels: int, sample_size: int, null_class: bool) -> UNet2DModel:
     """A `UNet2DModel` whose `class_labels` are 0..num_classes-1, plus `num_classes` as the guidance null class."""
     if cfg.channels is not None and cfg.channels != channels:
-        raise ValueError(f"model.channels={cfg.channels} but the data has {channels}-channel images")
+        raise ConfigError(f"model.channels={cfg.channels} but the data has {channels}-channel images")
     size = cfg.sample_size or sample_size
     if size != sample_size:
-        raise ValueError(f"model.sample_size={size} but the data gives {sample_size}x{sample_size} images "
+        raise ConfigError(f"model.sample_size={size} but the data gives {sample_size}x{sample_size} images "
                          "(set data.pad_to to pad them)")
     downsamples = len(cfg.block_out_channels) - 1
     if size % (2 ** downsamples):
-        raise ValueError(f"image size {size} cannot be halved {downsamples} times (model.block_out_channels has "
+        raise ConfigError(f"image size {size} cannot be halved {downsamples} times (model.block_out_channels has "
                          f"{len(cfg.block_out_channels)} levels): pad it (data.pad_to=32) or use fewer levels")
     down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention]
     up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)]
