@@ -19,11 +19,12 @@ import torch
 from pipelines.cli import run_cli
 from pipelines.config import CGANConfig
 from pipelines.data import BatchLoader, load_tensors
+from pipelines.evaluation import TrainingEvaluator
 from pipelines.gan import GANStep, build_cgan, class_interpolation, latent_interpolation, make_optimizers
 from pipelines.losses import gan_loss
 from pipelines.pipeline_cgan import CGANPipeline
 from pipelines.training import (
-    NonFiniteGuard, Upkeep, class_grid_labels, ema_state, ema_weights, load_checkpoint, load_ema_state,
+    NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state,
     make_accelerator, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
 )
 
@@ -31,7 +32,7 @@ GRID_PER_CLASS = 10  # report A's 10x10 grid
 
 
 def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
-    out = prepare_run_dir(cfg.output_dir, cfg, args.resume, args.overwrite)
+    out = prepare_run_dir(cfg.output_dir, args.resume, args.overwrite)
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
 
@@ -77,19 +78,19 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
     pipeline = CGANPipeline(model=unwrapped, class_names=data.class_names)
 
     def sample(labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        unwrapped.eval()
-        with ema_weights(ema, unwrapped):
-            images = pipeline(labels, latents=noise, output_type="pt").images
-        unwrapped.train()
-        return images
+        with inference_mode(unwrapped, ema):
+            return pipeline(labels, latents=noise, output_type="pt").images
 
     def draw_grid(name: str, at_step: int) -> None:
         if accelerator.is_main_process:
             save_grid(accelerator, sample(grid_labels, grid_noise), GRID_PER_CLASS, out / "grids" / f"{name}.png",
                       "samples", at_step, name)
 
-    upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps,
-                    lambda: ema_state(ema) if ema else None, draw_grid)
+    evaluator = None
+    if cfg.eval.every_epochs and accelerator.is_main_process:
+        evaluator = TrainingEvaluator(accelerator, cfg, out, pipeline, lambda: inference_mode(unwrapped, ema))
+    upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps, lambda: ema_state(ema) if ema else None,
+                    draw_grid, evaluator)
     bar = progress(accelerator, total_steps, step, "cgan")
     for _, [(real, labels)] in steps_from(loader, step, total_steps):
         metrics = step_fn(step, real, labels, measure_grads=(step + 1) % cfg.log.every_steps == 0)
@@ -105,8 +106,7 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         draw_grid("final", step)
-        unwrapped.eval()
-        with ema_weights(ema, unwrapped):
+        with inference_mode(unwrapped, ema):
             for name, fn in (("latent_interpolation", latent_interpolation), ("class_interpolation", class_interpolation)):
                 images = (fn(unwrapped, data.num_classes, GRID_PER_CLASS, cfg.seed) / 2 + 0.5).clamp(0, 1)
                 save_grid(accelerator, images, GRID_PER_CLASS, out / f"{name}.png", name, step)

@@ -22,12 +22,13 @@ import pipelines.pipeline_ddpm as pipeline_module
 from pipelines.cli import run_cli
 from pipelines.config import DDPMConfig
 from pipelines.data import BatchLoader, load_tensors
+from pipelines.evaluation import TrainingEvaluator
 from pipelines.diffusion import DiffusionStep, build_lr_schedule, build_noise_scheduler
 from pipelines.models.unet import build_unet
 from pipelines.pipeline_ddpm import ClassConditionalDiffusionPipeline
 from pipelines.plots import denoising_strip, plot_losses, plot_schedule
 from pipelines.training import (
-    NonFiniteGuard, Upkeep, class_grid_labels, ema_state, ema_weights, load_checkpoint, load_ema_state, log_image,
+    NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state, log_image,
     make_accelerator, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
 )
 
@@ -35,7 +36,7 @@ GRID_PER_CLASS = 8
 
 
 def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
-    out = prepare_run_dir(cfg.output_dir, cfg, args.resume, args.overwrite)
+    out = prepare_run_dir(cfg.output_dir, args.resume, args.overwrite)
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
 
@@ -91,20 +92,21 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
                          guidance_scale=cfg.diffusion.sample_guidance if guidance else 1.0)
 
     def sample(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        unwrapped.eval()
-        with ema_weights(ema, unwrapped):
-            images = pipeline(labels, generator=torch.Generator(device).manual_seed(seed), output_type="pt",
-                              **sample_kwargs).images
-        unwrapped.train()
-        return images
+        with inference_mode(unwrapped, ema):
+            return pipeline(labels, generator=torch.Generator(device).manual_seed(seed), output_type="pt",
+                            **sample_kwargs).images
 
     def draw_grid(name: str, at_step: int) -> None:
         if accelerator.is_main_process:
             save_grid(accelerator, sample(grid_labels, cfg.seed), GRID_PER_CLASS, out / "grids" / f"{name}.png",
                       "samples", at_step, name)
 
-    upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps,
-                    lambda: ema_state(ema) if ema else None, draw_grid)
+    evaluator = None
+    if cfg.eval.every_epochs and accelerator.is_main_process:
+        evaluator = TrainingEvaluator(accelerator, cfg, out, pipeline, lambda: inference_mode(unwrapped, ema),
+                                      sample_kwargs, extra_files={"pipeline.py": Path(pipeline_module.__file__)})
+    upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps, lambda: ema_state(ema) if ema else None,
+                    draw_grid, evaluator)
     bar = progress(accelerator, total_steps, step, "ddpm")
     for _, micro_batches in steps_from(loader, step, total_steps, accumulation):
         for x0, labels in micro_batches:
@@ -131,8 +133,7 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
         showcase = min(cfg.log.showcase_class, data.num_classes - 1)
         save_grid(accelerator, sample(torch.full((64,), showcase), cfg.seed + 2), 8,
                   out / f"class_{showcase}_samples.png", "one_class", step, data.class_names[showcase])
-        unwrapped.eval()
-        with ema_weights(ema, unwrapped):
+        with inference_mode(unwrapped, ema):
             strip = denoising_strip(pipeline, data.num_classes, cfg.diffusion.sample_steps, 6, cfg.seed,
                                     guidance_scale=sample_kwargs["guidance_scale"])
             save_grid(accelerator, strip, 6, out / "denoising_strip.png", "denoising_strip", step)

@@ -29,21 +29,26 @@ class RunDirError(RuntimeError):
     """The output directory holds another run, or the checkpoint to resume from is missing."""
 
 
-def prepare_run_dir(output_dir: str | Path, cfg: Any, resume: Optional[str], overwrite: bool) -> Path:
-    """Make sure `output_dir` is ours to write: empty, ours to resume, or explicitly overwritten."""
+def prepare_run_dir(output_dir: str | Path, resume: Optional[str], overwrite: bool) -> Path:
+    """Make sure `output_dir` is ours to write: empty, ours to resume, or explicitly overwritten.
+
+    Every process checks before any of them writes (so all agree), then the main process acts.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=multi_cpu())
     out = Path(output_dir)
-    saved = out / "config.yaml"
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
+    occupied = out.exists() and any(out.iterdir())
+    if occupied and not overwrite and resume is None:
+        kind = "a run" if (out / "config.yaml").exists() else "files"
+        raise RunDirError(f"{out} already holds {kind}; pass --resume latest to continue it, --overwrite to "
+                          "replace it, or choose another output_dir")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if occupied and overwrite:
             shutil.rmtree(out)
-        elif resume is None:
-            raise RunDirError(
-                f"{out} already holds files{' of a run' if saved.exists() else ''}; pass --resume latest to "
-                "continue it, --overwrite to replace it, or choose another output_dir"
-            )
-    elif resume is not None and resume == "latest":
-        logger.info("no previous run in %s: starting from scratch", out)
-    out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
     return out
 
 
@@ -64,17 +69,28 @@ def _read(path: Path) -> str:
         return ""
 
 
+def multi_cpu() -> bool:
+    """Launched as several processes (torchrun / `accelerate launch --multi_gpu`) on a machine without a GPU.
+
+    accelerate only picks its gloo-backed MULTI_CPU mode when told `cpu=True`; without this the
+    processes would each train alone on the whole data.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
     """An Accelerator set up from the config (precision, accumulation, W&B), with the seed applied."""
     mode = wandb_mode(cfg.log)
     accelerator = Accelerator(
+        cpu=multi_cpu(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="wandb" if mode != "disabled" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
     )
-    # Same seed on every process: models start identical; data sharding comes from the loader.
-    set_seed(cfg.seed)
+    # seed + process index: each process draws its own noise (DDP broadcasts rank 0's initial weights,
+    # and the data order comes from the loader's own generator, shared by all processes).
+    set_seed(cfg.seed, device_specific=True)
     if mode != "disabled":
         accelerator.init_trackers(
             cfg.log.project,
@@ -344,8 +360,10 @@ class Upkeep:
         self.pending.append(metrics)
         record = None
         if self.log_ticker.due(step) or step == self.total_steps:
-            keys = {k for m in self.pending for k in m}
-            record = {k: torch.stack([m[k] for m in self.pending if k in m]).float().mean().item() for k in keys}
+            keys = sorted({k for m in self.pending for k in m})
+            means = torch.stack([torch.stack([m[k] for m in self.pending if k in m]).float().mean() for k in keys])
+            # Averaged over processes too, so the curve is the global batch's whole; one host sync per log.
+            record = dict(zip(keys, self.acc.reduce(means, reduction="mean").tolist()))
             record.update(step=step, epoch=(step - 1) // self.steps_per_epoch + 1, **scalars)
             self.pending.clear()
             self.acc.log(record, step=step)

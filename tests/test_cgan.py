@@ -174,3 +174,24 @@ def test_accelerate_launch_runs_the_script(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "pipeline" / "model_index.json").exists()
     assert list((out / "wandb").glob("offline-run-*")), "an offline W&B run is written locally"
+
+
+def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(tmp_path):
+    """DDP on CPU (gloo): the global batch is split, files are written once, the loss curve matches."""
+    common = [*TINY, "train.epochs=1", "log.every_steps=1", "log.wandb=disabled"]
+    one = tmp_path / "one"
+    assert run_script("train_cgan", CGANConfig, one, common + ["train.batch_size=32"]) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(ROOT / "train_cgan.py"), f"output_dir={two}", *common, "train.batch_size=16"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 8 steps") == 1  # 256 images / (2 x 16) per step; one process reports
+    curves = [[json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]] == list(range(1, 9))
+    # Same weights, same global batches; only the per-process noise draws and BatchNorm statistics differ.
+    first = [c[0]["loss_d"] for c in curves]
+    assert first[1] == pytest.approx(first[0], rel=0.05)
+    means = [np.mean([r["loss_d"] for r in c]) for c in curves]
+    assert means[1] == pytest.approx(means[0], rel=0.15)
+    assert [p.name for p in list_checkpoints(two)] == ["step_000000008"]

@@ -1,0 +1,264 @@
+"""Evaluating a trained pipeline: generate N images per class, then score them against real data."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from .config import DataConfig, config_from_dict
+from .data import ImageTensors, load_tensors
+from .metrics import (
+    FeatureExtractor, classifier_extractor, collapsed_classes, combined_score, extract, fid, inception_extractor,
+    inception_score, kid, lpips_status, mean_lpips, per_class_report,
+)
+
+SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+}
+REPO_CLASSIFIERS = Path(__file__).resolve().parents[1] / "classifiers"
+
+
+def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
+    """A `CGANPipeline` or `ClassConditionalDiffusionPipeline` from an export folder (or a run's `pipeline/`)."""
+    from .pipeline_cgan import CGANPipeline
+    from .pipeline_ddpm import ClassConditionalDiffusionPipeline
+
+    path = Path(path)
+    if (path / "pipeline" / "model_index.json").is_file():
+        path = path / "pipeline"
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} is not an exported pipeline (no model_index.json) nor a run directory")
+    try:
+        kind = json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{index} is malformed ({err})") from None
+    classes = {"CGANPipeline": CGANPipeline, "ClassConditionalDiffusionPipeline": ClassConditionalDiffusionPipeline}
+    if kind not in classes:
+        raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")
+    pipe = classes[kind].from_pretrained(str(path))
+    if scheduler is not None:
+        if kind == "CGANPipeline":
+            raise ValueError("--scheduler applies to diffusion pipelines only; this is a cGAN")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {scheduler!r}: valid choices are {', '.join(SCHEDULERS)}")
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_data_config(pipeline_path: Path) -> Optional[DataConfig]:
+    """The data section of the run that produced this pipeline (its `config.yaml`), if there is one."""
+    for folder in (pipeline_path, pipeline_path.parent, pipeline_path.parent.parent):
+        saved = folder / "config.yaml"
+        if saved.is_file():
+            values = yaml.safe_load(saved.read_text()) or {}
+            if isinstance(values.get("data"), dict):
+                return config_from_dict(DataConfig, values["data"])
+    return None
+
+
+def is_diffusion(pipe) -> bool:
+    return hasattr(pipe, "unet")
+
+
+def sample_call_kwargs(pipe, steps: Optional[int], guidance: Optional[float]) -> dict:
+    if not is_diffusion(pipe):
+        return {}
+    kwargs = {}
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    return kwargs
+
+
+@torch.no_grad()
+def generate(pipe, labels: torch.Tensor, batch_size: int, seed: int, accelerator=None, **call_kwargs) -> torch.Tensor:
+    """uint8 (N, C, H, W) images for `labels`, batched, split across processes, gathered in order.
+
+    Batch b always uses the seed (seed, b), so the images do not depend on the number of processes.
+    """
+    from accelerate.utils import gather_object
+
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    device = pipe.device
+    mine = []
+    for b, start in enumerate(range(0, len(labels), batch_size)):
+        if b % world != rank:
+            continue
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
+        images = pipe(labels[start: start + batch_size].tolist(), generator=gen, output_type="pt", **call_kwargs).images
+        mine.append((b, (images * 255).round().to(torch.uint8).cpu()))
+    gathered = gather_object(mine) if world > 1 else mine
+    ordered = [images for _, images in sorted(gathered, key=lambda item: item[0])]
+    return torch.cat(ordered)[: len(labels)]
+
+
+def balanced_subset(data: ImageTensors, per_class: int) -> ImageTensors:
+    """The first `per_class` images of every class (the real-data floor at the same N)."""
+    keep = torch.cat([(data.labels == k).nonzero().flatten()[:per_class] for k in range(data.num_classes)])
+    return ImageTensors(data.images[keep], data.labels[keep], data.class_names)
+
+
+def make_extractor(kind: str, classifier_path: Optional[str | Path], data_cfg: DataConfig,
+                   device: torch.device) -> tuple[FeatureExtractor, dict]:
+    if kind == "inception":
+        return inception_extractor(device), {}
+    if kind != "classifier":
+        raise ValueError(f"features {kind!r}: valid choices are inception, classifier")
+    from .classifier import load_classifier
+
+    path = Path(classifier_path) if classifier_path else REPO_CLASSIFIERS / data_cfg.name
+    model, info = load_classifier(path)
+    return classifier_extractor(model, device), {"classifier": str(path), "classifier_test_accuracy":
+                                                 info.get("test_accuracy")}
+
+
+def score(images: torch.Tensor, labels: torch.Tensor, real: ImageTensors, extractor: FeatureExtractor,
+          floor: Optional[ImageTensors] = None, with_lpips: bool = True,
+          real_feats: Optional[np.ndarray] = None) -> dict:
+    """All metrics of generated `images` (uint8) with `labels` against the `real` reference split."""
+    gen_feats, gen_logits = extract(images, extractor, with_logits=True)
+    if real_feats is None:
+        real_feats, _ = extract(real.images, extractor)
+    labels_np, real_labels = labels.cpu().numpy(), real.labels.cpu().numpy()
+    result: dict = {"num_samples": int(len(images)), "features": extractor.name,
+                    "fid": fid(gen_feats, real_feats), "kid": kid(gen_feats, real_feats)}
+    predictions = None
+    if gen_logits is not None:
+        result["inception_score" if extractor.name == "inception" else "classifier_score"] = inception_score(gen_logits)
+        if extractor.name == "classifier":
+            predictions = gen_logits.argmax(1)
+            result["accuracy"] = float((predictions == labels_np).mean())
+    per_class = per_class_report(gen_feats, labels_np, real_feats, real_labels, real.class_names, predictions)
+    result["per_class"] = per_class
+    ratios = [row["diversity_ratio"] for row in per_class.values() if "diversity_ratio" in row]
+    result["diversity_ratio"] = float(np.mean(ratios)) if ratios else None
+    result["flagged_classes"] = collapsed_classes(per_class)
+    if floor is not None:
+        floor_feats, _ = extract(floor.images, extractor)
+        result["real_floor"] = {"num_samples": int(len(floor)), "fid": fid(floor_feats, real_feats),
+                                "kid": kid(floor_feats, real_feats)}
+    available, why = lpips_status() if with_lpips else (False, "LPIPS skipped")
+    result["lpips"] = mean_lpips(images, labels) if available else None
+    result["lpips_note"] = why
+    result["combined_score"] = combined_score(result["fid"], result.get("inception_score"), result["lpips"])
+    return result
+
+
+def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, features: str = "classifier",
+             classifier: Optional[str] = None, data_cfg: Optional[DataConfig] = None, ref_split: str = "test",
+             scheduler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
+             seed: int = 0, batch_size: int = 250, accelerator=None, save_pngs: bool = True) -> dict:
+    """Generate `num_per_class` images per class, score them, write `metrics.json` and the samples to `out_dir`."""
+    pipeline_path = Path(pipeline_path)
+    data_cfg = data_cfg or run_data_config(pipeline_path)
+    if data_cfg is None:
+        raise ValueError(f"cannot tell which dataset {pipeline_path} was trained on (no config.yaml beside it): "
+                         "pass --data")
+    device = accelerator.device if accelerator else torch.device("cpu")
+    pipe = load_pipeline(pipeline_path, scheduler).to(device)
+    extractor, extractor_info = make_extractor(features, classifier, data_cfg, device)
+    real = load_tensors(replace(data_cfg, split=ref_split, limit=None))
+    train_split = load_tensors(replace(data_cfg, split="train", limit=None)) if ref_split == "test" else None
+    labels = torch.arange(real.num_classes).repeat_interleave(num_per_class)
+    call_kwargs = sample_call_kwargs(pipe, steps, guidance)
+    start = time.perf_counter()
+    images = generate(pipe, labels, batch_size, seed, accelerator, **call_kwargs)
+    seconds = time.perf_counter() - start
+    is_main = accelerator is None or accelerator.is_main_process
+    if not is_main:
+        return {}
+    result = score(images, labels, real, extractor,
+                   floor=balanced_subset(train_split, num_per_class) if train_split is not None else None)
+    result.update(extractor_info, pipeline=str(pipeline_path), dataset=data_cfg.name, reference_split=ref_split,
+                  num_per_class=num_per_class, seed=seed, sampler=call_kwargs | (
+                      {"scheduler": type(pipe.scheduler).__name__} if is_diffusion(pipe) else {}),
+                  seconds_per_image=seconds / len(images), num_processes=accelerator.num_processes if accelerator else 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if save_pngs:
+        save_samples(images, labels, real.class_names, out_dir / "samples")
+    save_class_grid(images, labels, real.num_classes, out_dir / "grid.png")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def save_samples(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], folder: Path) -> None:
+    """One PNG per sample in a folder per class: what clean-fid's folder functions read."""
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        target = folder / f"{label:02d}_{class_names[label].replace('/', '-').replace(' ', '_')}"
+        target.mkdir(parents=True, exist_ok=True)
+        array = image.permute(1, 2, 0).numpy()
+        Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(target / f"{i:06d}.png")
+
+
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10) -> None:
+    from torchvision.utils import save_image
+
+    rows = [images[labels == k][:per_class] for k in range(num_classes)]
+    grid = torch.cat(rows).float() / 255
+    save_image(grid, str(path), nrow=per_class, padding=2, pad_value=1.0)
+
+
+class TrainingEvaluator:
+    """FID during training: scores the live pipeline every `eval.every_epochs` and keeps the best export.
+
+    Offline classifier features (cheap, no download); the reference split's features are computed
+    once. Build it on the main process only; `best/` is written atomically with `best.json` in it.
+    """
+
+    def __init__(self, accelerator, cfg, output_dir: Path, pipeline, inference, call_kwargs: Optional[dict] = None,
+                 extra_files: Optional[dict] = None):
+        self.acc, self.cfg, self.out, self.extra_files = accelerator, cfg.eval, output_dir, extra_files
+        self.pipeline, self.inference = pipeline, inference
+        self.extractor, _ = make_extractor("classifier", cfg.eval.classifier, cfg.data, accelerator.device)
+        self.real = load_tensors(replace(cfg.data, split="test", limit=None))
+        self.real_feats, _ = extract(self.real.images, self.extractor)
+        self.labels = torch.arange(self.real.num_classes).repeat_interleave(cfg.eval.num_per_class)
+        self.call_kwargs = dict(call_kwargs or {})
+        if cfg.eval.steps is not None:
+            self.call_kwargs["num_inference_steps"] = cfg.eval.steps
+        if cfg.eval.guidance is not None and "guidance_scale" in self.call_kwargs:
+            self.call_kwargs["guidance_scale"] = cfg.eval.guidance
+        best_file = output_dir / "best" / "best.json"
+        self.best = json.loads(best_file.read_text()) if best_file.is_file() else None
+
+    def is_better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best["value"] if self.cfg.metric == "accuracy" else value < self.best["value"]
+
+    def __call__(self, epoch: int, step: int) -> dict:
+        from .training import save_pipeline, write_stats
+
+        pipeline = self.pipeline
+        with self.inference():
+            images = generate(pipeline, self.labels, 250, self.cfg.seed, **self.call_kwargs)
+            result = score(images, self.labels, self.real, self.extractor, with_lpips=False, real_feats=self.real_feats)
+            value = result[self.cfg.metric]
+            if self.is_better(value):
+                self.best = {"metric": self.cfg.metric, "value": value, "epoch": epoch, "step": step}
+                save_pipeline(pipeline, self.out / "best", extra_files=self.extra_files)
+                (self.out / "best" / "best.json").write_text(json.dumps(self.best, indent=2))
+        record = {f"eval/{k}": result[k] for k in ("fid", "kid", "accuracy", "diversity_ratio", "classifier_score")
+                  if isinstance(result.get(k), float)}
+        record.update({"eval/flagged_classes": len(result["flagged_classes"]), "step": step, "epoch": epoch,
+                       f"eval/best_{self.cfg.metric}": self.best["value"]})
+        self.acc.log(record, step=step)
+        write_stats(self.out, record)
+        return result
