@@ -6,6 +6,7 @@
     accelerate launch --num_processes 2 eval.py runs/x                     # generation split across processes
     python eval.py train-classifier --data fashion_mnist                   # the offline metrics' classifier
     python eval.py compare runs/a runs/b --out reports/a_vs_b              # Markdown table + side-by-side grids
+    python eval.py baselines --data fashion_mnist --num-per-class 200      # real-data floor and uniform noise
 
 Results go to `<run or pipeline>/eval/<name>/metrics.json` beside the samples (or --out).
 """
@@ -110,6 +111,32 @@ def train_classifier_main(argv: list[str]) -> int:
     return 0
 
 
+def baselines_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="eval.py baselines",
+                                description="Reference points: real train images (the floor) and uniform noise, "
+                                            "scored like generated samples against the test split.")
+    p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"], default="fashion_mnist")
+    p.add_argument("--data-path")
+    p.add_argument("--num-per-class", type=int, default=100)
+    p.add_argument("--classifier")
+    p.add_argument("--out", help="JSON file to write (default: print only)")
+    args = p.parse_args(argv)
+
+    import json
+
+    import torch
+
+    from pipelines.evaluation import reference_baselines
+
+    result = reference_baselines(DataConfig(name=args.data, path=args.data_path), args.num_per_class,
+                                 args.classifier, torch.device("cpu"))
+    for name, metrics in result.items():
+        print(f"{name}: {summary_line(metrics)}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def compare_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="eval.py compare", description="Compare evaluated runs side by side.")
     p.add_argument("runs", nargs="+", help="run directories (each evaluated with eval.py first)")
@@ -129,7 +156,7 @@ def compare_main(argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train-classifier": train_classifier_main, "compare": compare_main}
+    commands = {"train-classifier": train_classifier_main, "compare": compare_main, "baselines": baselines_main}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -262,3 +262,19 @@ class TrainingEvaluator:
         self.acc.log(record, step=step)
         write_stats(self.out, record)
         return result
+
+
+def reference_baselines(data_cfg: DataConfig, num_per_class: int, classifier: Optional[str],
+                        device: torch.device) -> dict:
+    """The scale of the metrics: real train images (the floor) and uniform noise, against the test split."""
+    extractor, info = make_extractor("classifier", classifier, data_cfg, device)
+    test = load_tensors(replace(data_cfg, split="test", limit=None))
+    real_feats, _ = extract(test.images, extractor)
+    train = balanced_subset(load_tensors(replace(data_cfg, split="train", limit=None)), num_per_class)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, train.images.shape, generator=gen, dtype=torch.uint8)
+    result = {}
+    for name, images in (("real_train", train.images), ("uniform_noise", noise)):
+        result[name] = score(images, train.labels, test, extractor, with_lpips=False, real_feats=real_feats)
+        result[name].update(info, num_per_class=num_per_class)
+    return result

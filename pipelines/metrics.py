@@ -127,6 +127,8 @@ def kid(feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0) -> float:
 def inception_score(logits: np.ndarray, splits: int = 10) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` chunks as in Salimans et al. (2016)."""
     probs = torch.from_numpy(logits).double().softmax(1)
+    # Shuffle first: samples arrive sorted by class, and a one-class chunk would score exp(0) = 1.
+    probs = probs[torch.randperm(len(probs), generator=torch.Generator().manual_seed(0))]
     scores = []
     for chunk in probs.chunk(min(splits, len(probs))):
         marginal = chunk.mean(0, keepdim=True)

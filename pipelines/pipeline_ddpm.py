@@ -64,15 +64,20 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         class_names: names of the classes, in label order.
         image_size: the dataset's own image size; samples are centre-cropped to it when the U-Net
             works on padded images (Fashion-MNIST 28 -> 32).
+        num_classes: the number of real classes (the U-Net may have one more: the null class).
+        default_steps, default_guidance: what `__call__` uses when not told (set at export to the
+            fastest setting that keeps the quality).
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler, class_names: Optional[List[str]] = None,
-                 image_size: Optional[int] = None, num_classes: Optional[int] = None):
+                 image_size: Optional[int] = None, num_classes: Optional[int] = None, default_steps: int = 50,
+                 default_guidance: float = 1.0):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(class_names=class_names, image_size=image_size, num_classes=num_classes)
+        self.register_to_config(class_names=class_names, image_size=image_size, num_classes=num_classes,
+                                default_steps=default_steps, default_guidance=default_guidance)
 
     @property
     def num_classes(self) -> int:
@@ -85,17 +90,22 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         return self.unet.config.num_class_embeds == self.num_classes + 1
 
     @torch.no_grad()
-    def __call__(self, class_labels: ClassLabels, num_inference_steps: int = 50, guidance_scale: float = 1.0,
+    def __call__(self, class_labels: ClassLabels, num_inference_steps: Optional[int] = None,
+                 guidance_scale: Optional[float] = None,
                  eta: float = 0.0, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
                  output_type: str = "pil", return_dict: bool = True,
                  callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None):
         """Generate one image per entry of `class_labels` (ids or names).
 
+        `num_inference_steps` and `guidance_scale` default to the export's `default_steps` and
+        `default_guidance`.
         `guidance_scale` w mixes predictions as uncond + w * (cond - uncond); 1 is the plain
         conditional model. Both halves go through the U-Net in one batched call per step.
         `callback(i, t, sample)` is called after each step (for denoising strips).
         """
         labels = class_label_tensor(class_labels, self.config.class_names, self.num_classes, self._execution_device)
+        num_inference_steps = num_inference_steps or self.config.default_steps
+        guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
         guided = guidance_scale != 1.0
         if guided and not self.has_null_class:
             raise ValueError("guidance_scale != 1 needs a U-Net trained with label dropout (a null class); "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up and the two everyday commands, for a fresh machine:
-#   bash scripts/quickstart.sh demo   # install, get Fashion-MNIST, train the cGAN and DDPM demos
+#   bash scripts/quickstart.sh demo   # install, get Fashion-MNIST, train and evaluate the cGAN and DDPM demos
 #   bash scripts/quickstart.sh test   # install, run the fast test suite
 # The venv lives in .venv (override with VENV=...). Extra arguments go to pytest (test) .
 set -euo pipefail
@@ -31,7 +31,11 @@ case "${1:-}" in
     # The demos write only under runs/demo/ and replace what an earlier demo left there.
     "$PY" train_cgan.py --config configs/cgan/demo_cpu.yaml --overwrite
     "$PY" train_ddpm.py --config configs/ddpm/demo_cpu.yaml --overwrite
-    echo "Samples: runs/demo/cgan/grids/final.png, runs/demo/ddpm/grids/final.png; pipelines in runs/demo/*/pipeline"
+    # Offline metrics (the shipped Fashion-MNIST classifier): FID, KID, accuracy, diversity per class.
+    "$PY" eval.py runs/demo/cgan --num-per-class 100 --no-pngs
+    "$PY" eval.py runs/demo/ddpm --num-per-class 100 --no-pngs
+    echo "Samples: runs/demo/{cgan,ddpm}/grids/final.png; metrics: runs/demo/*/eval/*/metrics.json;" \
+         "pipelines: runs/demo/*/pipeline"
     ;;
   test)
     setup

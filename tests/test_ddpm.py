@@ -164,6 +164,7 @@ def test_short_run_lowers_the_loss_and_writes_everything(finished_run):
     assert [p.name for p in list_checkpoints(out)] == ["step_000000008", "step_000000016"]
     pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.config.class_names[0] == "class_0" and pipe.unet.config.num_class_embeds == 11
+    assert (pipe.config.default_steps, pipe.config.default_guidance) == (2, 2.0)  # the training grids' sampler
 
 
 def test_same_seed_same_run(finished_run, tmp_path):

@@ -27,7 +27,8 @@ SYNTH = DataConfig(name="synthetic", synthetic_size=600)
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
-    model, info = train_classifier(SYNTH, epochs=2, width=8, feature_dim=16, log=lambda *a: None)
+    model, info = train_classifier(SYNTH, epochs=10, width=8, feature_dim=16, log=lambda *a: None)
+    assert info["test_accuracy"] > 0.9
     path = tmp_path_factory.mktemp("clf") / "synthetic"
     save_classifier(model, info, path)
     return path
@@ -97,9 +98,10 @@ def test_repeated_images_are_flagged_and_real_ones_are_not(extractor):
 def test_inception_score_bounds():
     uniform = np.zeros((100, 10))
     assert inception_score(uniform) == pytest.approx(1.0)
-    confident = np.full((100, 10), -50.0)
-    confident[np.arange(100), np.arange(100) % 10] = 50.0
+    confident = np.full((1000, 10), -50.0)
+    confident[np.arange(1000), np.arange(1000) // 100] = 50.0  # sorted by class, as eval.py generates them
     assert inception_score(confident, splits=1) == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(confident) == pytest.approx(10.0, rel=0.05)  # 10 chunks of 100 shuffled samples
 
 
 def test_combined_score_is_report_b_formula():
@@ -238,3 +240,14 @@ def test_generate_command_writes_a_grid_and_a_folder(pipelines_dir, tmp_path, ca
     assert generate_main([str(pipelines_dir / "cgan"), "--class", "Sneakers", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "unknown class 'Sneakers'" in err and "0=class_0" in err
+
+
+def test_baselines_put_real_images_far_below_noise(classifier_dir, tmp_path):
+    assert run_eval(["baselines", "--data", "synthetic", "--classifier", str(classifier_dir), "--num-per-class", "50",
+                     "--out", str(tmp_path / "baselines.json")]) == 0
+    result = json.loads((tmp_path / "baselines.json").read_text())
+    real, noise = result["real_train"], result["uniform_noise"]
+    assert real["num_samples"] == noise["num_samples"] == 500
+    assert real["fid"] < 0.1 * noise["fid"]
+    assert real["accuracy"] > 0.9 and noise["accuracy"] < 0.5
+    assert real["diversity_ratio"] > 0.8  # averaged over classes (one class of the tiny synthetic set can dip)
