@@ -7,6 +7,7 @@
     python eval.py train-classifier --data fashion_mnist                   # the offline metrics' classifier
     python eval.py compare runs/a runs/b --out reports/a_vs_b              # Markdown table + side-by-side grids
     python eval.py baselines --data fashion_mnist --num-per-class 200      # real-data floor and uniform noise
+    python eval.py set-default runs/x                                      # fastest sampler within 10% of best FID
 
 Results go to `<run or pipeline>/eval/<name>/metrics.json` beside the samples (or --out).
 """
@@ -137,6 +138,22 @@ def baselines_main(argv: list[str]) -> int:
     return 0
 
 
+def set_default_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="eval.py set-default",
+                                description="Make the fastest evaluated sampler within a FID tolerance of the best "
+                                            "the exported diffusion pipeline's default.")
+    p.add_argument("run", help="a diffusion run directory with eval/*/metrics.json from several samplers")
+    p.add_argument("--tolerance", type=float, default=0.1, help="allowed relative FID above the best (0.1 = 10%%)")
+    args = p.parse_args(argv)
+
+    from pipelines.evaluation import choose_default_sampler
+
+    result = choose_default_sampler(Path(args.run), args.tolerance)
+    print(f"default sampler: {result['chosen']} (FID {result['fid']:.4g}, best {result['best_fid']:.4g}, "
+          f"{result['seconds_per_image']:.4g} s/image, N={result['num_samples']})")
+    return 0
+
+
 def compare_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="eval.py compare", description="Compare evaluated runs side by side.")
     p.add_argument("runs", nargs="+", help="run directories (each evaluated with eval.py first)")
@@ -156,7 +173,8 @@ def compare_main(argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train-classifier": train_classifier_main, "compare": compare_main, "baselines": baselines_main}
+    commands = {"train-classifier": train_classifier_main, "compare": compare_main, "baselines": baselines_main,
+                "set-default": set_default_main}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -25,7 +25,7 @@ from pipelines.losses import gan_loss
 from pipelines.pipeline_cgan import CGANPipeline
 from pipelines.training import (
     NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state,
-    make_accelerator, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
+    make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
 )
 
 GRID_PER_CLASS = 10  # report A's 10x10 grid
@@ -48,12 +48,7 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
     generator, discriminator = build_cgan(cfg, data.num_classes, channels, size)
     opt_g, opt_d = make_optimizers(cfg, generator, discriminator, device)
     generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
-    ema = None
-    if cfg.train.ema_decay is not None:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(accelerator.unwrap_model(generator).parameters(), decay=cfg.train.ema_decay)
-        ema.to(device)
+    ema = make_ema(accelerator.unwrap_model(generator), cfg.train.ema_decay, device)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     step_fn = GANStep(accelerator, generator, discriminator, opt_g, opt_d, gan_loss(cfg.loss.name),
                       cfg.loss.gp_weight, cfg.loss.critic_steps, guard, ema)

@@ -29,7 +29,7 @@ from pipelines.pipeline_ddpm import ClassConditionalDiffusionPipeline
 from pipelines.plots import denoising_strip, plot_losses, plot_schedule
 from pipelines.training import (
     NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state, log_image,
-    make_accelerator, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
+    make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
 )
 
 GRID_PER_CLASS = 8
@@ -63,12 +63,7 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, total_steps, accelerator.num_processes)
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     unwrapped = accelerator.unwrap_model(unet)
-    ema = None
-    if cfg.train.ema_decay is not None:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unwrapped.parameters(), decay=cfg.train.ema_decay)
-        ema.to(device)
+    ema = make_ema(unwrapped, cfg.train.ema_decay, device)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     step_fn = DiffusionStep(accelerator, unet, optimizer, lr_schedule, noise_scheduler, cfg.diffusion,
                             data.num_classes, cfg.optim.max_grad_norm, guard, ema)

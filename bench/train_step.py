@@ -28,7 +28,7 @@ from pipelines.diffusion import DiffusionStep, build_lr_schedule, build_noise_sc
 from pipelines.gan import GANStep, build_cgan, make_optimizers
 from pipelines.losses import gan_loss
 from pipelines.models.unet import build_unet
-from pipelines.training import NonFiniteGuard
+from pipelines.training import NonFiniteGuard, make_ema
 
 
 def timed(fn, steps: int, warmup: int) -> float:
@@ -66,11 +66,7 @@ def bench_cgan(path: str, steps: int, warmup: int) -> dict:
     g, d = build_cgan(cfg, loader.data.num_classes, c, s)
     opt_g, opt_d = make_optimizers(cfg, g, d, acc.device)
     g, d, opt_g, opt_d = acc.prepare(g, d, opt_g, opt_d)
-    ema = None
-    if cfg.train.ema_decay:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(acc.unwrap_model(g).parameters(), decay=cfg.train.ema_decay)
+    ema = make_ema(acc.unwrap_model(g), cfg.train.ema_decay, acc.device)
     step_fn = GANStep(acc, g, d, opt_g, opt_d, gan_loss(cfg.loss.name), cfg.loss.gp_weight, cfg.loss.critic_steps,
                       NonFiniteGuard(10), ema)
     it = batches(loader)
@@ -108,11 +104,7 @@ def bench_ddpm(path: str, steps: int, warmup: int) -> dict:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr)
     sched = build_lr_schedule(opt, cfg.optim, 10**6, 1)
     unet, opt, sched = acc.prepare(unet, opt, sched)
-    ema = None
-    if cfg.train.ema_decay:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(acc.unwrap_model(unet).parameters(), decay=cfg.train.ema_decay)
+    ema = make_ema(acc.unwrap_model(unet), cfg.train.ema_decay, acc.device)
     step_fn = DiffusionStep(acc, unet, opt, sched, noise_scheduler, cfg.diffusion, loader.data.num_classes,
                             cfg.optim.max_grad_norm, NonFiniteGuard(10), ema)
     it = batches(loader)

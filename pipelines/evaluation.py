@@ -278,3 +278,42 @@ def reference_baselines(data_cfg: DataConfig, num_per_class: int, classifier: Op
         result[name] = score(images, train.labels, test, extractor, with_lpips=False, real_feats=real_feats)
         result[name].update(info, num_per_class=num_per_class)
     return result
+
+
+def choose_default_sampler(run: Path, tolerance: float = 0.1) -> dict:
+    """Make the fastest evaluated sampler whose FID is within `tolerance` of the best the export's default.
+
+    Reads the run's `eval/*/metrics.json` of diffusion samplers at the most common sample count,
+    then rewrites `pipeline/` (atomically) with that scheduler, step count and guidance scale.
+    """
+    import diffusers
+
+    from .training import save_pipeline
+
+    results = [json.loads(p.read_text()) for p in sorted((run / "eval").glob("*/metrics.json"))]
+    results = [r for r in results if r.get("sampler", {}).get("scheduler") and "num_inference_steps" in r["sampler"]]
+    if not results:
+        raise FileNotFoundError(f"{run}/eval has no diffusion sampler evaluations; run eval.py with --scheduler, "
+                                "--steps and --guidance first")
+    counts = [r["num_samples"] for r in results]
+    n = max(set(counts), key=counts.count)
+    results = [r for r in results if r["num_samples"] == n]
+    best = min(r["fid"] for r in results)
+    within = [r for r in results if r["fid"] <= (1 + tolerance) * best]
+    chosen = min(within, key=lambda r: r["seconds_per_image"])
+    sampler = chosen["sampler"]
+    pipe = load_pipeline(run)
+    pipe.scheduler = getattr(diffusers, sampler["scheduler"]).from_config(pipe.scheduler.config)
+    pipe.register_to_config(default_steps=sampler["num_inference_steps"],
+                            default_guidance=sampler.get("guidance_scale", 1.0))
+    folder = run / "pipeline" if (run / "pipeline").is_dir() else run
+    extra = {"pipeline.py": folder / "pipeline.py"} if (folder / "pipeline.py").is_file() else None
+    if extra:  # save_pipeline replaces the folder: keep the copy of the pipeline source outside it first
+        keep = run / ".pipeline.py.keep"
+        keep.write_bytes(extra["pipeline.py"].read_bytes())
+        extra = {"pipeline.py": keep}
+    save_pipeline(pipe, folder, extra_files=extra)
+    if extra:
+        extra["pipeline.py"].unlink()
+    return {"chosen": sampler, "fid": chosen["fid"], "best_fid": best, "seconds_per_image": chosen["seconds_per_image"],
+            "num_samples": n, "tolerance": tolerance}

@@ -194,6 +194,17 @@ class Ticker:
         return False
 
 
+def make_ema(model: torch.nn.Module, decay: Optional[float], device: torch.device):
+    """A diffusers `EMAModel` of `model`'s weights (None without a decay); foreach: one fused update per step."""
+    if decay is None:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=decay, foreach=True)
+    ema.to(device)
+    return ema
+
+
 def ema_state(ema) -> dict[str, torch.Tensor]:
     """A diffusers `EMAModel` as flat tensors for safetensors (no pickle in checkpoints)."""
     state = {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}

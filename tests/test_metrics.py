@@ -251,3 +251,26 @@ def test_baselines_put_real_images_far_below_noise(classifier_dir, tmp_path):
     assert real["fid"] < 0.1 * noise["fid"]
     assert real["accuracy"] > 0.9 and noise["accuracy"] < 0.5
     assert real["diversity_ratio"] > 0.8  # averaged over classes (one class of the tiny synthetic set can dip)
+
+
+def test_set_default_picks_the_fastest_sampler_within_tolerance(pipelines_dir, classifier_dir, tmp_path):
+    import shutil
+
+    from pipelines import ClassConditionalDiffusionPipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(pipelines_dir / "ddpm", run / "pipeline")
+    (run / "pipeline" / "pipeline.py").write_text("# the exported source travels along\n")
+    for sched, steps, fid_value, seconds in (("DDIMScheduler", 50, 10.0, 0.5), ("DDIMScheduler", 10, 10.9, 0.1),
+                                             ("DPMSolverMultistepScheduler", 10, 12.0, 0.09)):
+        folder = run / "eval" / f"{sched}-{steps}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({
+            "num_samples": 100, "fid": fid_value, "seconds_per_image": seconds,
+            "sampler": {"scheduler": sched, "num_inference_steps": steps, "guidance_scale": 2.0}}))
+    assert run_eval(["set-default", str(run)]) == 0
+    pipe = ClassConditionalDiffusionPipeline.from_pretrained(run / "pipeline")
+    # DPM-Solver++ is faster but 20% worse; DDIM-10 is within 10% of the best (DDIM-50) and 5x faster.
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert (pipe.config.default_steps, pipe.config.default_guidance) == (10, 2.0)
+    assert (run / "pipeline" / "pipeline.py").read_text().startswith("# the exported source")

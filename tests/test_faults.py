@@ -1,0 +1,114 @@
+"""Faults: kill -9 and SIGTERM mid-run, half-written and corrupt checkpoints, bad input to the trainers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipelines.config import CGANConfig, DDPMConfig
+from pipelines.training import list_checkpoints, resolve_resume
+from test_cgan import TINY
+from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir, run_script
+
+# Long enough to be interrupted: 4 epochs of 8 steps, a checkpoint every 4 steps.
+LONG = TINY + ["train.epochs=4", "checkpoint.every_steps=4", "checkpoint.keep=10", "train.ema_decay=0.9"]
+
+
+def start(out, *extra):
+    cmd = [sys.executable, str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *LONG, *extra]
+    return subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(out, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if list_checkpoints(out):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint appeared (exit code {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "full"
+    assert run_script("train_cgan", CGANConfig, out, LONG) == 0
+    return out
+
+
+def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = start(out)
+    wait_for_checkpoint(out, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list_checkpoints(out)
+    assert done and not (out / "pipeline").exists()
+    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 0
+    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(uninterrupted / "pipeline"))
+
+
+def test_sigterm_writes_a_final_checkpoint_and_exits(tmp_path, uninterrupted):
+    out = tmp_path / "preempted"
+    proc = start(out)
+    wait_for_checkpoint(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    steps = [int(p.name.split("_")[1]) for p in list_checkpoints(out)]
+    state = json.loads((list_checkpoints(out)[-1] / "training_state.json").read_text())
+    assert state["step"] == max(steps) and 0 < max(steps) < 32
+    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 0
+    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(uninterrupted / "pipeline"))
+
+
+def test_half_written_checkpoints_are_never_taken(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    newest = list_checkpoints(out)[-1]
+    # A kill during save leaves a temporary folder; a folder without its state file is incomplete too.
+    shutil.copytree(newest, out / "checkpoints" / ".tmp-step_000000999")
+    incomplete = out / "checkpoints" / "step_000000998"
+    shutil.copytree(newest, incomplete)
+    (incomplete / "training_state.json").unlink()
+    assert resolve_resume(out, "latest") == newest
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    newest = list_checkpoints(out)[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 2
+    err = capsys.readouterr().err
+    assert str(newest) in err and "corrupt" in err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.name=imagenet"], "valid choices: fashion_mnist, cifar10, synthetic"),
+    (["train.batch_size=0"], "train.batch_size=0: must be positive"),
+    (["model.channels=3"], "model.channels=3 but the data has 1-channel images"),
+    (["data.pad_to=30"], "must be a multiple of 4"),
+    (["data.path=/nonexistent/folder"], "does not exist"),
+    (["trian.epochs=3"], "unknown config key 'trian'"),
+])
+def test_bad_input_fails_early_with_a_clear_message_and_no_run_left(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    assert run_script("train_cgan", CGANConfig, out, TINY + overrides) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "pipeline").exists() and not list_checkpoints(out)
+
+
+def test_ddpm_rejects_images_the_unet_cannot_take(tmp_path, capsys):
+    from test_ddpm import TINY as DDPM_TINY
+
+    bad = DDPM_TINY + ["model.block_out_channels=[8,8,8,8]", "model.attention=[false,false,false,false]"]
+    assert run_script("train_ddpm", DDPMConfig, tmp_path / "run", bad) == 2
+    assert "cannot be halved 3 times" in capsys.readouterr().err
