@@ -18,7 +18,6 @@ import torch
 
 from pipelines.cli import run_cli
 from pipelines.config import CGANConfig
-from pipelines.data import BatchLoader, load_tensors
 from pipelines.evaluation import TrainingEvaluator
 from pipelines.gan import GANStep, build_cgan, class_interpolation, latent_interpolation, make_optimizers
 from pipelines.losses import gan_loss
@@ -26,6 +25,7 @@ from pipelines.pipeline_cgan import CGANPipeline
 from pipelines.training import (
     NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state,
     make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
+    training_batches,
 )
 
 GRID_PER_CLASS = 10  # report A's 10x10 grid
@@ -37,11 +37,8 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
     device = accelerator.device
 
     # Data: decoded once, kept as uint8 on the device, sharded by process.
-    with accelerator.main_process_first():
-        data = load_tensors(cfg.data)
-    loader = BatchLoader(data, cfg.train.batch_size, cfg.seed, process_index=accelerator.process_index,
-                         num_processes=accelerator.num_processes, pad_to=cfg.data.pad_to, hflip=cfg.data.hflip,
-                         device=device if cfg.data.on_device else "cpu")
+    loader = training_batches(cfg, accelerator)
+    data = loader.data
     channels, size, _ = loader.image_shape
 
     # Models, optimizers, EMA.

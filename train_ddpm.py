@@ -21,7 +21,6 @@ from diffusers import DDIMScheduler
 import pipelines.pipeline_ddpm as pipeline_module
 from pipelines.cli import run_cli
 from pipelines.config import DDPMConfig
-from pipelines.data import BatchLoader, load_tensors
 from pipelines.evaluation import TrainingEvaluator
 from pipelines.diffusion import DiffusionStep, build_lr_schedule, build_noise_scheduler
 from pipelines.models.unet import build_unet
@@ -30,6 +29,7 @@ from pipelines.plots import denoising_strip, plot_losses, plot_schedule
 from pipelines.training import (
     NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state, log_image,
     make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
+    training_batches,
 )
 
 GRID_PER_CLASS = 8
@@ -41,11 +41,8 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
     device = accelerator.device
 
     # Data: decoded once, kept as uint8 on the device, sharded by process.
-    with accelerator.main_process_first():
-        data = load_tensors(cfg.data)
-    loader = BatchLoader(data, cfg.train.batch_size, cfg.seed, process_index=accelerator.process_index,
-                         num_processes=accelerator.num_processes, pad_to=cfg.data.pad_to, hflip=cfg.data.hflip,
-                         device=device if cfg.data.on_device else "cpu")
+    loader = training_batches(cfg, accelerator)
+    data = loader.data
     channels, size, _ = loader.image_shape
     accumulation = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(loader) // accumulation

@@ -180,7 +180,7 @@ def combined_score(fid_value: Optional[float], is_value: Optional[float], lpips_
 def lpips_status() -> tuple[bool, str]:
     """LPIPS needs the `lpips` package and ImageNet backbone weights, which it downloads on first use."""
     try:
-        import lpips  # noqa: F401
+        import lpips  # noqa: F401  (only whether it imports)
     except ImportError:
         return False, "LPIPS not available: the `lpips` package is not installed (pip install lpips)"
     hub = Path(torch.hub.get_dir()) / "checkpoints"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput

@@ -14,7 +14,6 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (documents the accepted schedulers)
 from diffusers.utils.torch_utils import randn_tensor
 
 ClassLabels = Union[int, str, Sequence[Union[int, str]], torch.Tensor]

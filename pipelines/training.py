@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from .config import ConfigError, LogConfig, save_config, to_dict
+from .config import LogConfig, save_config, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,17 @@ def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
     return accelerator
+
+
+def training_batches(cfg: Any, accelerator: Accelerator):
+    """The training split decoded once into uint8 tensors on the device, as batches sharded by process."""
+    from .data import BatchLoader, load_tensors
+
+    with accelerator.main_process_first():
+        data = load_tensors(cfg.data)
+    return BatchLoader(data, cfg.train.batch_size, cfg.seed, process_index=accelerator.process_index,
+                       num_processes=accelerator.num_processes, pad_to=cfg.data.pad_to, hflip=cfg.data.hflip,
+                       device=accelerator.device if cfg.data.on_device else "cpu")
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
