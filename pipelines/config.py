@@ -177,7 +177,7 @@ class TrainConfig:
     batch_size: int = 32  # per process; the global batch is batch_size * num_processes
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs when smaller)
-    mixed_precision: MixedPrecision = "no"
+    mixed_precision: MixedPrecision = "no"  # "no" leaves it to the launcher (accelerate launch --mixed_precision)
     gradient_accumulation_steps: int = 1
     ema_decay: Optional[float] = None  # None: no EMA copy of the weights
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row

@@ -83,7 +83,8 @@ def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
     mode = wandb_mode(cfg.log)
     accelerator = Accelerator(
         cpu=multi_cpu(),
-        mixed_precision=cfg.train.mixed_precision,
+        # "no" defers to the launcher (`accelerate launch --mixed_precision bf16`, a config file).
+        mixed_precision=None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="wandb" if mode != "disabled" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),

@@ -1,38 +1,47 @@
 #!/usr/bin/env bash
-# Reproduces QUALITY.md on a CPU machine (about 1h30 on 2 cores): trains report A's cGAN and the
-# stabilised cGAN for the same number of epochs, the CPU DDPM recipe, then evaluates all three the
-# same way (offline classifier features, N per class) and the DDPM's samplers.
-#   bash scripts/quality_cpu.sh [OUT_DIR] [CGAN_EPOCHS] [N_PER_CLASS]
+# Reproduces QUALITY.md on a CPU machine (about 1h15 on 2 cores): trains the CPU DDPM recipe, report
+# A's cGAN and the stabilised cGAN (the two cGANs for the same number of epochs), then evaluates them
+# the same way (offline classifier features, N images per class) and the DDPM's samplers.
+# Re-running continues: finished trainings are skipped, interrupted ones resume from their checkpoint.
+#   bash scripts/quality_cpu.sh [OUT_DIR] [CGAN_EPOCHS] [N_PER_CLASS] [SAMPLER_N_PER_CLASS] [DDPM_T_N_PER_CLASS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/quality}
 EPOCHS=${2:-5}
 N=${3:-100}
+SAMPLER_N=${4:-50}
+SLOW_N=${5:-5}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 
-"$PY" train_ddpm.py --config configs/ddpm/fmnist_cpu.yaml output_dir="$OUT/ddpm_cpu" --overwrite
-"$PY" train_cgan.py --config configs/cgan/report_a.yaml output_dir="$OUT/cgan_report_a" train.epochs="$EPOCHS" \
-  eval.every_epochs=1 --overwrite
-"$PY" train_cgan.py --config configs/cgan/fmnist_best.yaml output_dir="$OUT/cgan_best" train.epochs="$EPOCHS" --overwrite
+train() {  # train SCRIPT RUN_NAME ARGS...: skipped when the run already exported its pipeline
+  local script=$1 run=$2
+  shift 2
+  [ -e "$OUT/$run/pipeline/model_index.json" ] || "$PY" "$script" output_dir="$OUT/$run" --resume latest "$@"
+}
+train train_ddpm.py ddpm_cpu --config configs/ddpm/fmnist_cpu.yaml
+train train_cgan.py cgan_report_a --config configs/cgan/report_a.yaml train.epochs="$EPOCHS" eval.every_epochs=1
+train train_cgan.py cgan_best --config configs/cgan/fmnist_best.yaml train.epochs="$EPOCHS"
 
-"$PY" eval.py baselines --data fashion_mnist --num-per-class "$N" --out "$OUT/baselines.json"
+"$PY" eval.py baselines --data fashion_mnist --num-per-class "$N" --out "$OUT/baselines_n$N.json"
 for run in cgan_report_a cgan_best; do
   "$PY" eval.py "$OUT/$run" --num-per-class "$N" --no-pngs --out "$OUT/$run/eval/final"
 done
 # The DDPM's samplers: DDIM and DPM-Solver++ at several step counts and guidance scales.
+"$PY" eval.py baselines --data fashion_mnist --num-per-class "$SAMPLER_N" --out "$OUT/baselines_n$SAMPLER_N.json"
 for w in 1 1.5 2 3; do
   for s in "ddim 10" "ddim 20" "ddim 50" "dpmsolver 10" "dpmsolver 20"; do
     set -- $s
-    "$PY" eval.py "$OUT/ddpm_cpu" --num-per-class "$N" --no-pngs --scheduler "$1" --steps "$2" --guidance "$w" \
-      --out "$OUT/ddpm_cpu/eval/$1-$2-w$w"
+    "$PY" eval.py "$OUT/ddpm_cpu" --num-per-class "$SAMPLER_N" --no-pngs --scheduler "$1" --steps "$2" \
+      --guidance "$w" --out "$OUT/ddpm_cpu/eval/$1-$2-w$w"
   done
 done
 # The export's default: the fastest of those within 10% of the best FID.
 "$PY" eval.py set-default "$OUT/ddpm_cpu" --tolerance 0.1
-# The slow reference: ancestral DDPM over all T steps, on fewer samples.
-"$PY" eval.py "$OUT/ddpm_cpu" --num-per-class 10 --no-pngs --scheduler ddpm --steps 1000 --guidance 2 \
-  --out "$OUT/ddpm_cpu/eval/ddpm-1000-w2-n10"
-"$PY" eval.py baselines --data fashion_mnist --num-per-class 10 --out "$OUT/baselines_n10.json"
+# The slow reference: ancestral DDPM over all T = 1000 steps, on fewer samples (and its floor at that N).
+"$PY" eval.py "$OUT/ddpm_cpu" --num-per-class "$SLOW_N" --no-pngs --scheduler ddpm --steps 1000 --guidance 2 \
+  --out "$OUT/ddpm_cpu/slow/ddpm-1000-w2"
+"$PY" eval.py baselines --data fashion_mnist --num-per-class "$SLOW_N" --out "$OUT/baselines_n$SLOW_N.json"
+# The DDPM with its chosen default sampler, at the cGANs' N, then the comparison table and grids.
 "$PY" eval.py "$OUT/ddpm_cpu" --num-per-class "$N" --no-pngs --out "$OUT/ddpm_cpu/eval/final"
-"$PY" eval.py compare "$OUT/cgan_report_a" "$OUT/cgan_best" "$OUT/ddpm_cpu" --metrics final --out "$OUT/compare" || true
+"$PY" eval.py compare "$OUT/cgan_report_a" "$OUT/cgan_best" "$OUT/ddpm_cpu" --metrics final --out "$OUT/compare"

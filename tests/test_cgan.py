@@ -195,3 +195,16 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(tmp_path):
     means = [np.mean([r["loss_d"] for r in c]) for c in curves]
     assert means[1] == pytest.approx(means[0], rel=0.15)
     assert [p.name for p in list_checkpoints(two)] == ["step_000000008"]
+
+
+@pytest.mark.parametrize("script", ["train_cgan", "train_ddpm"])
+def test_bf16_mixed_precision_runs_on_cpu(script, tmp_path):
+    from pipelines.config import DDPMConfig
+    from test_ddpm import TINY as DDPM_TINY
+
+    cls, overrides = (CGANConfig, TINY) if script == "train_cgan" else (DDPMConfig, DDPM_TINY)
+    out = tmp_path / "bf16"
+    assert run_script(script, cls, out, overrides + ["train.epochs=1", "train.mixed_precision=bf16"]) == 0
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
+    assert (out / "pipeline" / "model_index.json").exists()

@@ -111,3 +111,28 @@ def test_ddpm_rejects_images_the_unet_cannot_take(tmp_path, capsys):
     bad = DDPM_TINY + ["model.block_out_channels=[8,8,8,8]", "model.attention=[false,false,false,false]"]
     assert run_script("train_ddpm", DDPMConfig, tmp_path / "run", bad) == 2
     assert "cannot be halved 3 times" in capsys.readouterr().err
+
+
+class _Exploit:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_never_unpickle_code(uninterrupted, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    newest = list_checkpoints(out)[-1]
+    names = {p.name for p in newest.iterdir()}
+    assert {"model.safetensors", "model_1.safetensors", "extra.safetensors", "training_state.json"} <= names
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Exploit(marker)}, newest / "optimizer.bin")
+    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 2
+    assert not marker.exists()  # weights_only loading refused the object instead of running it
+    assert "cannot be loaded" in capsys.readouterr().err
