@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The standing GPU check (see ../shared/GPU.md): about 8 minutes on one H200.
+#   bash scripts/gpu_check.sh OUT_DIR [DATA_DIR]
+# Prints the GPU figures of bench/, trains the Fashion-MNIST DDPM (report A) and best-cGAN recipes
+# time-boxed by step counts, evaluates both with the offline classifier, and leaves at most 8 files in
+# OUT_DIR: two benchmark JSONs, two metrics JSONs, two grids (the log is the caller's tee).
+# SMALL=1 shrinks everything for a CPU rehearsal.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: gpu_check.sh OUT_DIR [DATA_DIR]}
+DATA=${2:-}
+PY=${PY:-python3}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+data=()
+[ -n "$DATA" ] && data=(data.path="$DATA")
+if [ "${SMALL:-0}" = 1 ]; then
+  steps=(--steps 3 --warmup 1); sample_batch=4; ddpm_steps=20; cgan_steps=60; n=5
+  ddpm_size=("model.block_out_channels=[16,32,32]" "model.attention=[false,false,false]" model.norm_num_groups=8)
+else
+  steps=(--steps 30 --warmup 5); sample_batch=250; ddpm_steps=4000; cgan_steps=9000; n=200; ddpm_size=()
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+
+echo "== training step vs ceiling"
+"$PY" bench/train_step.py --cgan configs/cgan/fmnist_best.yaml --ddpm configs/ddpm/report_a.yaml "${steps[@]}" \
+  --json "$OUT/bench_train_step.json"
+echo "== sampling"
+"$PY" bench/sampling.py --ddpm-config configs/ddpm/report_a.yaml --batch "$sample_batch" --skip-ddpm-full \
+  --json "$OUT/bench_sampling.json"
+
+echo "== DDPM, report A recipe, $ddpm_steps steps, bf16"
+"$PY" train_ddpm.py --config configs/ddpm/report_a.yaml output_dir="$WORK/ddpm" train.max_steps="$ddpm_steps" \
+  train.batch_size=128 train.mixed_precision=bf16 log.wandb=disabled checkpoint.every_steps=100000 \
+  "${ddpm_size[@]}" "${data[@]}"
+"$PY" eval.py "$WORK/ddpm" --num-per-class "$n" --no-pngs --out "$WORK/ddpm/eval/final" \
+  ${DATA:+--data fashion_mnist --data-path "$DATA"}
+cp "$WORK/ddpm/eval/final/metrics.json" "$OUT/ddpm_metrics.json"
+cp "$WORK/ddpm/eval/final/grid.png" "$OUT/ddpm_grid.png"
+
+echo "== cGAN, best recipe, $cgan_steps steps"
+"$PY" train_cgan.py --config configs/cgan/fmnist_best.yaml output_dir="$WORK/cgan" train.max_steps="$cgan_steps" \
+  log.wandb=disabled eval.every_epochs=null checkpoint.every_steps=100000 "${data[@]}"
+"$PY" eval.py "$WORK/cgan" --num-per-class "$n" --no-pngs --out "$WORK/cgan/eval/final" \
+  ${DATA:+--data fashion_mnist --data-path "$DATA"}
+cp "$WORK/cgan/eval/final/metrics.json" "$OUT/cgan_metrics.json"
+cp "$WORK/cgan/eval/final/grid.png" "$OUT/cgan_grid.png"
+rm -rf "$WORK"
+echo "== done: $(ls "$OUT")"
