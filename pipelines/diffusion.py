@@ -46,6 +46,7 @@ class DiffusionStep:
     max_grad_norm: Optional[float]
     guard: NonFiniteGuard
     ema: Optional[object] = None
+    _alphas_cumprod: Optional[torch.Tensor] = None
 
     def __call__(self, x0: torch.Tensor, labels: torch.Tensor) -> dict:
         acc, cfg = self.accelerator, self.cfg
@@ -61,7 +62,9 @@ class DiffusionStep:
             prediction = self.unet(x_t, t, class_labels=labels).sample
             weights = None
             if cfg.snr_gamma is not None:
-                abar = self.noise_scheduler.alphas_cumprod.to(x0.device)[t]
+                if self._alphas_cumprod is None:  # moved to the device once, not every step
+                    self._alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(x0.device)
+                abar = self._alphas_cumprod[t]
                 weights = min_snr_weights(abar / (1 - abar), cfg.snr_gamma, cfg.prediction_type)
             loss = diffusion_loss(prediction, target, weights)
             metrics["loss"] = loss.detach()
