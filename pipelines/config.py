@@ -90,7 +90,9 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: Optional[int] = None  # None: at the end of every epoch
-    every_minutes: Optional[float] = None  # also save when this much wall time passed (preemptible jobs)
+    # Also save when this much wall time passed (preemptible jobs); with several processes the
+    # save happens at the next log step, where the processes agree on it.
+    every_minutes: Optional[float] = None
     keep: int = 3  # keep the newest K checkpoints
 
     def validate(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -128,6 +129,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+@contextlib.contextmanager
+def cleaned_up_on_write_error(tmp: Path, what: str, intact: list[Path]) -> Iterator[None]:
+    """A full disk (or any write error) removes the half-written `tmp` and says what is still intact."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "no space left on device" if err.errno == errno.ENOSPC else f"{type(err).__name__}: {err}"
+        kept = f"{intact[-1]} is intact" if intact else "nothing earlier was saved"
+        raise RunDirError(f"writing the {what} failed ({reason}); the partial copy was removed and {kept}. "
+                          "Free space (or set checkpoint.keep lower), then --resume latest") from err
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int,
                     extra: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write models, optimizers, RNG states and `extra` tensors; visible only once complete.
@@ -144,14 +158,16 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with cleaned_up_on_write_error(tmp, f"checkpoint at step {step}", list_checkpoints(output_dir)):
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if extra:
+                save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump({"step": step}, f)
+                f.flush()
+                os.fsync(f.fileno())
     if accelerator.is_main_process:
-        if extra:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump({"step": step}, f)
-            f.flush()
-            os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
@@ -189,21 +205,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict[str
     return step, extra
 
 
-class Ticker:
-    """Decides when periodic upkeep (logs, checkpoints) is due, by steps and by wall time."""
+class WallClock:
+    """Says when `every_minutes` of wall time have passed since it last said so (never without a period)."""
 
-    def __init__(self, every_steps: Optional[int], every_minutes: Optional[float] = None):
-        self.every_steps = every_steps
+    def __init__(self, every_minutes: Optional[float]):
         self.every_seconds = every_minutes * 60 if every_minutes else None
         self.last = time.monotonic()
 
-    def due(self, step: int) -> bool:
-        by_steps = self.every_steps is not None and step % self.every_steps == 0
-        by_time = self.every_seconds is not None and time.monotonic() - self.last >= self.every_seconds
-        if by_steps or by_time:
-            self.last = time.monotonic()
-            return True
-        return False
+    def due(self) -> bool:
+        if self.every_seconds is None or time.monotonic() - self.last < self.every_seconds:
+            return False
+        self.last = time.monotonic()
+        return True
 
 
 def make_ema(model: torch.nn.Module, decay: Optional[float], device: torch.device):
@@ -304,9 +317,10 @@ def save_pipeline(pipeline, path: Path, extra_files: Optional[dict[str, Path]] =
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(str(tmp), safe_serialization=True)
-    for name, source in (extra_files or {}).items():
-        shutil.copyfile(source, tmp / name)
+    with cleaned_up_on_write_error(tmp, f"pipeline export {path}", [path] if path.exists() else []):
+        pipeline.save_pretrained(str(tmp), safe_serialization=True)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
     old = path.with_name(f".old-{path.name}")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -367,10 +381,10 @@ class Upkeep:
         self.acc, self.cfg, self.out = accelerator, cfg, output_dir
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.checkpoint_extra, self.draw_grid, self.evaluate = checkpoint_extra, draw_grid, evaluate
-        self.log_ticker = Ticker(cfg.log.every_steps)
-        self.ckpt_ticker = Ticker(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+        self.ckpt_clock = WallClock(cfg.checkpoint.every_minutes)
         self.pending: list[dict] = []
         self.preempted = False
+        self.wants_checkpoint = False  # by wall time or SIGTERM; held until the processes agree
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -378,11 +392,23 @@ class Upkeep:
         # Cluster preemption: finish the current step, write a checkpoint, then exit (see after_step).
         self.preempted = True
 
+    def _agree(self, wants_checkpoint: bool, preempted: bool, sync: bool) -> tuple[bool, bool]:
+        """Wall time and signals differ between processes, but saving is collective: with several
+        processes the wishes are pooled at log steps (already a sync point), so all act on the same step."""
+        if self.acc.num_processes == 1:
+            return wants_checkpoint, preempted
+        if not sync:
+            return False, False
+        flags = torch.tensor([float(wants_checkpoint), float(preempted)], device=self.acc.device)
+        pooled = self.acc.reduce(flags, reduction="sum").tolist()
+        return pooled[0] > 0, pooled[1] > 0
+
     def after_step(self, step: int, metrics: dict, **scalars: float) -> Optional[dict]:
         """Call with the number of completed steps; returns the logged record when one was written."""
         self.pending.append(metrics)
         record = None
-        if self.log_ticker.due(step) or step == self.total_steps:
+        log_due = step % self.cfg.log.every_steps == 0 or step == self.total_steps
+        if log_due:
             keys = sorted({k for m in self.pending for k in m})
             means = torch.stack([torch.stack([m[k] for m in self.pending if k in m]).float().mean() for k in keys])
             # Averaged over processes too, so the curve is the global batch's whole; one host sync per log.
@@ -403,10 +429,13 @@ class Upkeep:
                 self.evaluate(epoch, step)
             self.acc.wait_for_everyone()
         ckpt_cfg = self.cfg.checkpoint
-        due = self.ckpt_ticker.due(step) or (ckpt_cfg.every_steps is None and end_of_epoch) or last
-        if due or self.preempted:
+        by_steps = step % ckpt_cfg.every_steps == 0 if ckpt_cfg.every_steps else end_of_epoch
+        self.wants_checkpoint = self.wants_checkpoint or self.ckpt_clock.due() or self.preempted
+        by_wish, preempted = self._agree(self.wants_checkpoint, self.preempted, sync=log_due)
+        if by_steps or by_wish or last:
             save_checkpoint(self.acc, self.out, step, ckpt_cfg.keep, self.checkpoint_extra())
-        if self.preempted:
+            self.wants_checkpoint = False
+        if preempted:
             self.acc.print(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume latest")
             self.acc.end_training()
             raise SystemExit(143)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import signal
@@ -136,3 +137,79 @@ def test_checkpoints_never_unpickle_code(uninterrupted, tmp_path, capsys):
     assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 2
     assert not marker.exists()  # weights_only loading refused the object instead of running it
     assert "cannot be loaded" in capsys.readouterr().err
+
+
+def test_wall_clock_says_when_the_period_has_passed(monkeypatch):
+    from pipelines import training
+
+    now = [1000.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: now[0])
+    clock, never = training.WallClock(0.5), training.WallClock(None)
+    seen = []
+    for t in (10, 29, 31, 40, 60, 62):
+        now[0] = 1000.0 + t
+        seen.append((clock.due(), never.due()))
+    assert seen == [(False, False), (False, False), (True, False), (False, False), (False, False), (True, False)]
+
+
+def test_time_based_checkpoints_come_between_step_intervals(tmp_path):
+    out = tmp_path / "timed"
+    timed = TINY + ["train.epochs=1", "checkpoint.every_steps=100", "checkpoint.every_minutes=1e-9",
+                    "checkpoint.keep=100"]
+    assert run_script("train_cgan", CGANConfig, out, timed) == 0
+    assert [int(p.name.split("_")[1]) for p in list_checkpoints(out)] == list(range(1, 9))
+
+
+def test_two_processes_agree_on_time_based_checkpoints(tmp_path):
+    """Each process's clock fires at its own time; saving is collective, so they act together at log steps."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
+           "train.batch_size=16", "log.every_steps=3", "checkpoint.every_minutes=1e-9", "checkpoint.keep=100"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["step_000000003", "step_000000006", "step_000000008"]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(uninterrupted, tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    real_save_state, calls = Accelerator.save_state, []
+
+    def save_state_then_fill_the_disk(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        real_save_state(self, output_dir, **kwargs)  # the files land, then the disk is full
+        if len(calls) == 2:
+            _disk_full()
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state_then_fill_the_disk)
+    out = tmp_path / "full"
+    assert run_script("train_cgan", CGANConfig, out, LONG) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and "step_000000004 is intact" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000000004"]  # no half-written folder
+    assert not (out / "pipeline").exists()
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 0
+    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(uninterrupted / "pipeline"))
+
+
+def test_disk_full_while_exporting_keeps_the_previous_export(uninterrupted, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from pipelines.pipeline_cgan import CGANPipeline
+    from pipelines.training import RunDirError, save_pipeline
+
+    export = tmp_path / "pipeline"
+    shutil.copytree(uninterrupted / "pipeline", export)
+    before = load_safetensors_dir(export)
+    pipeline = CGANPipeline.from_pretrained(str(export))
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
+    with pytest.raises(RunDirError, match=f"no space left on device.*{export} is intact"):
+        save_pipeline(pipeline, export)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]  # the partial copy is gone
+    assert_same_tensors(load_safetensors_dir(export), before)
