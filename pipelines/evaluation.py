@@ -45,7 +45,11 @@ def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
     classes = {"CGANPipeline": CGANPipeline, "ClassConditionalDiffusionPipeline": ClassConditionalDiffusionPipeline}
     if kind not in classes:
         raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")
-    pipe = classes[kind].from_pretrained(str(path))
+    try:
+        pipe = classes[kind].from_pretrained(str(path))
+    except Exception as err:  # diffusers/safetensors raise many kinds for a damaged folder
+        raise ValueError(f"{path} cannot be loaded as a {kind} ({type(err).__name__}: {err}); the export may be "
+                         "truncated or corrupt: export it again from the run's checkpoints") from None
     if scheduler is not None:
         if kind == "CGANPipeline":
             raise ValueError("--scheduler applies to diffusion pipelines only; this is a cGAN")

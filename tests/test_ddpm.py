@@ -17,7 +17,7 @@ from pipelines.config import ConfigError, DDPMConfig, DiffusionConfig, UNetConfi
 from pipelines.diffusion import build_noise_scheduler
 from pipelines.models.unet import build_unet
 from pipelines.training import list_checkpoints
-from trainer_utils import assert_same_tensors, load_safetensors_dir, run_script
+from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir, run_script
 
 TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.block_out_channels=[8,16]",
         "model.attention=[false,true]", "model.layers_per_block=1", "model.norm_num_groups=4",
@@ -197,3 +197,24 @@ def test_training_options_run(tmp_path, options):
     pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
     images = pipe([1], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 28, 28, 1)
+
+
+def test_two_processes_train_and_export_once(tmp_path):
+    """DDP on CPU (gloo): 2 x batch 16 covers the data as 1 x batch 32 does; only the main process writes."""
+    common = [*TINY, "train.epochs=1", "log.every_steps=1", "log.wandb=disabled"]
+    one = tmp_path / "one"
+    assert run_script("train_ddpm", DDPMConfig, one, common) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(ROOT / "train_ddpm.py"), f"output_dir={two}", *common, "train.batch_size=16"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 8 steps") == 1
+    curves = [[json.loads(line)["loss"] for line in (run / "stats.jsonl").read_text().splitlines()]
+              for run in (one, two)]
+    assert len(curves[0]) == len(curves[1]) == 8
+    # Same weights and global batches; the timesteps and noise drawn per process differ.
+    assert np.mean(curves[1]) == pytest.approx(np.mean(curves[0]), rel=0.1)
+    assert all(c[-1] < 0.8 * c[0] for c in curves)  # both learn
+    assert [p.name for p in list_checkpoints(two)] == ["step_000000008"]
+    ClassConditionalDiffusionPipeline.from_pretrained(str(two / "pipeline"))

@@ -173,6 +173,23 @@ def test_eval_rejects_bad_input(pipelines_dir, classifier_dir, tmp_path, capsys)
     assert "train-classifier" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["cgan", "ddpm"])
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_export_gives_a_clear_error(kind, damage, pipelines_dir, classifier_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / kind
+    shutil.copytree(pipelines_dir / kind, broken)
+    weights = next(broken.rglob("*.safetensors"))
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:64])
+    else:
+        weights.unlink()
+    assert run_eval([str(broken), "--data", "synthetic", "--classifier", str(classifier_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "truncated or corrupt" in err
+
+
 def test_eval_with_two_processes_gathers_exactly_n_and_matches_one(pipelines_dir, classifier_dir, tmp_path):
     common = [str(pipelines_dir / "cgan"), "--data", "synthetic", "--classifier", str(classifier_dir),
               "--num-per-class", "5", "--batch-size", "8"]
