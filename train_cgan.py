@@ -78,11 +78,15 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
             save_grid(accelerator, sample(grid_labels, grid_noise), GRID_PER_CLASS, out / "grids" / f"{name}.png",
                       "samples", at_step, name)
 
+    def export(path: Path) -> None:
+        with inference_mode(unwrapped, ema):
+            save_pipeline(pipeline, path)
+
     evaluator = None
     if cfg.eval.every_epochs and accelerator.is_main_process:
         evaluator = TrainingEvaluator(accelerator, cfg, out, pipeline, lambda: inference_mode(unwrapped, ema))
     upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps, lambda: ema_state(ema) if ema else None,
-                    draw_grid, evaluator)
+                    draw_grid, evaluator, export)
     bar = progress(accelerator, total_steps, step, "cgan")
     for _, [(real, labels)] in steps_from(loader, step, total_steps):
         metrics = step_fn(step, real, labels, measure_grads=(step + 1) % cfg.log.every_steps == 0)
@@ -102,7 +106,7 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
             for name, fn in (("latent_interpolation", latent_interpolation), ("class_interpolation", class_interpolation)):
                 images = (fn(unwrapped, data.num_classes, GRID_PER_CLASS, cfg.seed) / 2 + 0.5).clamp(0, 1)
                 save_grid(accelerator, images, GRID_PER_CLASS, out / f"{name}.png", name, step)
-            save_pipeline(pipeline, out / "pipeline")
+        export(out / "pipeline")
         accelerator.print(f"done: {step} steps; pipeline in {out / 'pipeline'}; grids in {out / 'grids'}")
     accelerator.end_training()
     return out

@@ -94,12 +94,19 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
             save_grid(accelerator, sample(grid_labels, cfg.seed), GRID_PER_CLASS, out / "grids" / f"{name}.png",
                       "samples", at_step, name)
 
+    # Exports carry the pipeline's own source, so stock diffusers can load them (trust_remote_code).
+    extra_files = {"pipeline.py": Path(pipeline_module.__file__)}
+
+    def export(path: Path) -> None:
+        with inference_mode(unwrapped, ema):
+            save_pipeline(pipeline, path, extra_files=extra_files)
+
     evaluator = None
     if cfg.eval.every_epochs and accelerator.is_main_process:
         evaluator = TrainingEvaluator(accelerator, cfg, out, pipeline, lambda: inference_mode(unwrapped, ema),
-                                      sample_kwargs, extra_files={"pipeline.py": Path(pipeline_module.__file__)})
+                                      sample_kwargs, extra_files=extra_files)
     upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps, lambda: ema_state(ema) if ema else None,
-                    draw_grid, evaluator)
+                    draw_grid, evaluator, export)
     bar = progress(accelerator, total_steps, step, "ddpm")
     for _, micro_batches in steps_from(loader, step, total_steps, accumulation):
         for x0, labels in micro_batches:
@@ -130,7 +137,7 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
             strip = denoising_strip(pipeline, data.num_classes, cfg.diffusion.sample_steps, 6, cfg.seed,
                                     guidance_scale=sample_kwargs["guidance_scale"])
             save_grid(accelerator, strip, 6, out / "denoising_strip.png", "denoising_strip", step)
-            save_pipeline(pipeline, out / "pipeline", extra_files={"pipeline.py": Path(pipeline_module.__file__)})
+        export(out / "pipeline")
         accelerator.print(f"done: {step} steps; pipeline in {out / 'pipeline'}; grids in {out / 'grids'}")
     accelerator.end_training()
     return out

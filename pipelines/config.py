@@ -114,10 +114,15 @@ class EvalConfig:
     steps: Optional[int] = None  # diffusion sampling steps; None: diffusion.sample_steps
     guidance: Optional[float] = None  # None: diffusion.sample_guidance
     seed: int = 0
+    # Export the pipeline at these epochs to snapshots/epoch_NNN/, so one run yields several training
+    # lengths to compare (report B's 10/20/30 epochs come from one 30-epoch run).
+    snapshot_epochs: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.every_epochs is not None and self.every_epochs < 1:
             raise ConfigError(f"eval.every_epochs={self.every_epochs}: must be positive or null")
+        if any(e < 1 for e in self.snapshot_epochs) or len(set(self.snapshot_epochs)) != len(self.snapshot_epochs):
+            raise ConfigError(f"eval.snapshot_epochs={self.snapshot_epochs}: must be distinct positive epochs")
         if self.num_per_class < 2:
             raise ConfigError(f"eval.num_per_class={self.num_per_class}: must be at least 2")
 
@@ -209,6 +214,7 @@ class CGANConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        _validate_run(self)
         if self.train.gradient_accumulation_steps != 1:
             raise ConfigError(
                 "train.gradient_accumulation_steps must be 1 for the cGAN: each D and G update uses one batch"
@@ -293,6 +299,48 @@ class DDPMConfig:
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/ddpm"
     seed: int = 0
+
+    def validate(self) -> None:
+        _validate_run(self)
+
+
+def _validate_run(cfg: Any) -> None:
+    late = [e for e in cfg.eval.snapshot_epochs if e > cfg.train.epochs]
+    if late:
+        raise ConfigError(f"eval.snapshot_epochs={cfg.eval.snapshot_epochs}: {late} lie after the last epoch "
+                          f"(train.epochs={cfg.train.epochs})")
+    cfg.output_dir = expand_output_dir(cfg)
+
+
+def expand_output_dir(cfg: Any) -> str:
+    """Fill `{section.key}` fields of `output_dir` from the config itself, so a sweep over
+    `loss.name` can name each run's folder `runs/sweep/{loss.name}_emb{model.label_emb_dim}`."""
+    import string
+
+    flat = _flatten(to_dict(cfg))
+    parts = []
+    for literal, name, spec, conversion in string.Formatter().parse(cfg.output_dir):
+        parts.append(literal)
+        if name is None:
+            continue
+        if name not in flat:
+            raise ConfigError(f"output_dir={cfg.output_dir!r}: unknown field {{{name}}}; fields look like "
+                              "{loss.name} or {model.label_emb_dim}")
+        if spec or conversion:
+            raise ConfigError(f"output_dir={cfg.output_dir!r}: {{{name}}} takes no format spec or conversion")
+        value = flat[name]
+        parts.append("-".join(map(str, value)) if isinstance(value, list) else str(value))
+    return "".join(parts)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _positive(section: Any, key: str, prefix: str) -> None:

@@ -120,6 +120,11 @@ def checkpoint_dir(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
+def snapshot_dir(output_dir: Path, epoch: int) -> Path:
+    """Where `eval.snapshot_epochs` exports the pipeline as it was after `epoch`."""
+    return Path(output_dir) / "snapshots" / f"epoch_{epoch:03d}"
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Half-written ones have a temporary name and are ignored."""
     root = checkpoint_dir(output_dir)
@@ -377,10 +382,11 @@ class Upkeep:
     """
 
     def __init__(self, accelerator: Accelerator, cfg: Any, output_dir: Path, steps_per_epoch: int,
-                 total_steps: int, checkpoint_extra, draw_grid, evaluate=None):
+                 total_steps: int, checkpoint_extra, draw_grid, evaluate=None, export=None):
         self.acc, self.cfg, self.out = accelerator, cfg, output_dir
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.checkpoint_extra, self.draw_grid, self.evaluate = checkpoint_extra, draw_grid, evaluate
+        self.export = export  # export(path): write the pipeline (EMA weights) to path; for snapshots
         self.ckpt_clock = WallClock(cfg.checkpoint.every_minutes)
         self.pending: list[dict] = []
         self.preempted = False
@@ -423,6 +429,10 @@ class Upkeep:
         epoch = (step - 1) // self.steps_per_epoch + 1
         if end_of_epoch and (epoch % self.cfg.log.grid_every_epochs == 0 or last):
             self.draw_grid(f"epoch_{epoch:03d}", step)
+        if end_of_epoch and epoch in self.cfg.eval.snapshot_epochs:
+            if self.acc.is_main_process:
+                self.export(snapshot_dir(self.out, epoch))
+            self.acc.wait_for_everyone()
         every = self.cfg.eval.every_epochs
         if every and end_of_epoch and (epoch % every == 0 or last):
             if self.evaluate is not None:  # the main process evaluates; the others wait for it

@@ -35,3 +35,17 @@ def _offline_env(monkeypatch):
     """Re-assert the offline switches for every test, so none can reach the Hub even if one cleared them."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    """A small offline classifier of the synthetic set: the feature extractor of the tests' metrics."""
+    from pipelines.classifier import save_classifier, train_classifier
+    from pipelines.config import DataConfig
+
+    synthetic = DataConfig(name="synthetic", synthetic_size=600)
+    model, info = train_classifier(synthetic, epochs=10, width=8, feature_dim=16, log=lambda *a: None)
+    assert info["test_accuracy"] > 0.9
+    path = tmp_path_factory.mktemp("clf") / "synthetic"
+    save_classifier(model, info, path)
+    return path

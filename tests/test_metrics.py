@@ -25,15 +25,6 @@ SYNTH = DataConfig(name="synthetic", synthetic_size=600)
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    model, info = train_classifier(SYNTH, epochs=10, width=8, feature_dim=16, log=lambda *a: None)
-    assert info["test_accuracy"] > 0.9
-    path = tmp_path_factory.mktemp("clf") / "synthetic"
-    save_classifier(model, info, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def extractor(classifier_dir):
     from pipelines.classifier import load_classifier
 

@@ -1,0 +1,278 @@
+"""Studies: a grid of runs from a W&B sweep file, or a list of runs from an experiment file, trained
+in turn (or one per GPU), then evaluated and compared in one report.
+
+    python -m pipelines.sweep configs/sweeps/cgan_losses.yaml [--gpus 0,1,2,3] [--dry-run] [--report-only]
+    python -m pipelines.sweep configs/experiments/cgan_vs_ddpm.yaml
+
+A sweep file is also a W&B sweep (`wandb sweep FILE`, then `wandb agent ID` on each machine): its
+parameters are the trainers' dotted overrides, fixed ones included, and `output_dir` names each run's
+folder from the swept values. Running the command again continues a study: finished runs are skipped,
+interrupted ones resume from their last checkpoint, and evaluations already written are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config import CGANConfig, ConfigError, DDPMConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = {"train_cgan.py": CGANConfig, "train_ddpm.py": DDPMConfig}
+
+
+class StudyError(ValueError):
+    """The study file cannot be run: it names the bad key or value and the valid choices."""
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    program: str
+    config: Optional[str]
+    overrides: list[str]
+    cfg: Any  # the run's validated config: where it writes, how long it trains, how it is evaluated
+    swept: dict = field(default_factory=dict)  # the swept values of this run, e.g. {"loss.name": "bce"}
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def command(self) -> list[str]:
+        config = ["--config", self.config] if self.config else []
+        return [sys.executable, str(ROOT / self.program), *config, *self.overrides, "--resume", "latest"]
+
+    def finished(self) -> bool:
+        return (self.output_dir / "pipeline" / "model_index.json").is_file()
+
+    def targets(self, kind: str) -> dict[str, Path]:
+        """The exports to evaluate: each snapshot epoch in a sweep; the best and final export in an experiment."""
+        if kind == "sweep" and self.cfg.eval.snapshot_epochs:
+            from .training import snapshot_dir
+
+            return {f"epoch_{e:03d}": snapshot_dir(self.output_dir, e) for e in sorted(self.cfg.eval.snapshot_epochs)}
+        found = {"final": self.output_dir / "pipeline"}
+        if kind == "experiment" and (self.output_dir / "best" / "model_index.json").is_file():
+            found = {"best": self.output_dir / "best", **found}
+        return found
+
+
+@dataclass
+class Study:
+    name: str
+    kind: str  # "sweep" (a W&B grid) or "experiment" (named runs)
+    description: str
+    runs: list[PlannedRun]
+    report_dir: Path
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise StudyError(f"{path}: the top level must be a mapping")
+    if "parameters" in doc:
+        return _load_sweep(path, doc)
+    if "runs" in doc:
+        return _load_experiment(path, doc)
+    raise StudyError(f"{path} is neither a W&B sweep (with `parameters`) nor an experiment (with `runs`)")
+
+
+def _config_class(program: Any, where: str) -> type:
+    if program not in PROGRAMS:
+        raise StudyError(f"{where}: program {program!r}; valid choices: {', '.join(PROGRAMS)}")
+    return PROGRAMS[program]
+
+
+def _build_run(cls: type, program: str, config: Optional[str], overrides: list[str], swept: dict,
+               where: str) -> PlannedRun:
+    try:
+        cfg = load_config(cls, config, overrides)
+    except ConfigError as err:
+        raise StudyError(f"{where}: {err}") from None
+    return PlannedRun(Path(cfg.output_dir).name, program, config, overrides, cfg, swept)
+
+
+def _load_sweep(path: Path, doc: dict) -> Study:
+    cls = _config_class(doc.get("program"), str(path))
+    if doc.get("method") != "grid":
+        raise StudyError(f"{path}: method {doc.get('method')!r}; the local runner runs grids only (valid: grid); "
+                         "use `wandb sweep` and `wandb agent` for random or bayes searches")
+    command = [str(c) for c in doc.get("command", [])]
+    config = command[command.index("--config") + 1] if "--config" in command[:-1] else None
+    fixed, swept = {}, {}
+    for name, spec in doc["parameters"].items():
+        if isinstance(spec, dict) and "values" in spec:
+            swept[name] = list(spec["values"])
+        elif isinstance(spec, dict) and "value" in spec:
+            fixed[name] = spec["value"]
+        else:
+            raise StudyError(f"{path}: parameter {name!r} needs `values: [...]` (swept) or `value: x` (fixed) "
+                             "for a grid")
+    runs = []
+    for combo in itertools.product(*swept.values()):
+        values = dict(zip(swept, combo))
+        # The same `name=value` arguments that `wandb agent` passes with ${args_no_hyphens}.
+        overrides = [f"{k}={v}" for k, v in {**fixed, **values}.items()]
+        runs.append(_build_run(cls, doc["program"], config, overrides, values, f"{path} run {values}"))
+    dirs = [r.output_dir for r in runs]
+    if len(set(dirs)) != len(dirs):
+        raise StudyError(f"{path}: several runs share an output_dir; put every swept parameter in the output_dir "
+                         f"value as a field, e.g. {{{next(iter(swept), 'loss.name')}}}; swept: {', '.join(swept)}")
+    root = Path(os.path.commonpath([str(d) for d in dirs])) if len(dirs) > 1 else dirs[0].parent
+    return Study(doc.get("name", path.stem), "sweep", doc.get("description", ""), runs, root / "report")
+
+
+def _load_experiment(path: Path, doc: dict) -> Study:
+    if "output_dir" not in doc:
+        raise StudyError(f"{path}: an experiment needs an `output_dir` (the runs go to OUTPUT_DIR/NAME)")
+    root = Path(doc["output_dir"])
+    runs = []
+    for name, spec in doc["runs"].items():
+        where = f"{path} run {name!r}"
+        if not isinstance(spec, dict):
+            raise StudyError(f"{where}: expected a mapping with program, config and overrides")
+        unknown = set(spec) - {"program", "config", "overrides"}
+        if unknown:
+            raise StudyError(f"{where}: unknown keys {sorted(unknown)}; valid keys: program, config, overrides")
+        cls = _config_class(spec.get("program"), where)
+        overrides = [*spec.get("overrides", []), f"output_dir={root / name}"]
+        runs.append(_build_run(cls, spec["program"], spec.get("config"), overrides, {"run": name}, where))
+    return Study(doc.get("name", path.stem), "experiment", doc.get("description", ""), runs, root / "report")
+
+
+def train_all(study: Study, gpus: Optional[list[str]] = None) -> list[dict]:
+    """Train every run not yet finished: in turn, or one per GPU at a time. Returns one record per run."""
+    logs = study.report_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    free: queue.Queue = queue.Queue()
+    for gpu in gpus or [None]:
+        free.put(gpu)
+
+    def train_one(run: PlannedRun) -> dict:
+        if run.finished():
+            return {"run": run.name, "status": "finished before"}
+        gpu = free.get()
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+        start = time.time()
+        logger.info("training %s%s", run.name, f" on GPU {gpu}" if gpu is not None else "")
+        try:
+            with open(logs / f"{run.name}.log", "a") as log:
+                code = subprocess.call(run.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            free.put(gpu)
+        status = "trained" if code == 0 and run.finished() else f"failed (exit {code}; see {logs / run.name}.log)"
+        return {"run": run.name, "status": status, "gpu": gpu, "seconds": round(time.time() - start, 1)}
+
+    with ThreadPoolExecutor(max_workers=len(gpus or [None])) as pool:
+        records = list(pool.map(train_one, study.runs))
+    with open(study.report_dir / "runs.jsonl", "a") as f:
+        for record in records:
+            f.write(json.dumps({**record, "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    return records
+
+
+class InceptionProbe:
+    """Inception FID and IS where clean-fid's weights can be had; one attempt per study, not per export."""
+
+    def __init__(self, mode: str):
+        self.mode, self.note = mode, None
+        if mode == "no":
+            self.note = "Inception metrics skipped (--inception no)"
+
+    def available(self) -> bool:
+        if self.note is not None:
+            return False
+        import torch
+
+        from .metrics import MetricsError, inception_extractor
+
+        try:
+            inception_extractor(torch.device("cpu"))
+        except MetricsError as err:
+            if self.mode == "yes":
+                raise
+            self.note = f"Inception metrics not available here: {err}"
+            return False
+        self.mode = "yes"  # loaded once: the weights are on disk now
+        return True
+
+
+def evaluate_all(study: Study, inception: InceptionProbe) -> None:
+    """Score every export of every finished run (offline classifier features, plus Inception where
+    available); an evaluation already on disk is reused."""
+    from .evaluation import evaluate
+
+    for run in study.runs:
+        if not run.finished():
+            continue
+        for name, target in run.targets(study.kind).items():
+            if not (target / "model_index.json").is_file():
+                logger.warning("%s: %s is missing; skipped", run.name, target)
+                continue
+            kinds = ["classifier"] + (["inception"] if inception.available() else [])
+            for features in kinds:
+                out = run.output_dir / "eval" / (f"study-{name}" + ("-inception" if features == "inception" else ""))
+                if (out / "metrics.json").is_file():
+                    continue
+                logger.info("evaluating %s %s (%s features)", run.name, name, features)
+                evaluate(target, out, num_per_class=run.cfg.eval.num_per_class, features=features,
+                         classifier=run.cfg.eval.classifier, data_cfg=run.cfg.data, seed=run.cfg.eval.seed,
+                         save_pngs=False)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", help="a W&B sweep file (configs/sweeps/) or an experiment file (configs/experiments/)")
+    parser.add_argument("--gpus", help="comma-separated GPU ids: train one run per GPU at a time (default: in turn)")
+    parser.add_argument("--inception", choices=["auto", "yes", "no"], default="auto",
+                        help="Inception FID/IS besides the offline metrics: auto uses them when the weights load")
+    parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    parser.add_argument("--report-only", action="store_true", help="evaluate and report what is trained; train nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from .metrics import MetricsError
+    from .report import write_study_report
+
+    try:
+        study = load_study(args.study)
+        if args.dry_run:
+            for run in study.runs:
+                state = "finished" if run.finished() else "to train"
+                print(f"{run.name} ({state}): {' '.join(run.command()[1:])}")
+            print(f"report: {study.report_dir}")
+            return 0
+        records = [] if args.report_only else train_all(study, args.gpus.split(",") if args.gpus else None)
+        probe = InceptionProbe(args.inception)
+        evaluate_all(study, probe)
+    except (StudyError, MetricsError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = write_study_report(study, inception_note=probe.note)
+    print(report)
+    failed = [r for r in records if r["status"].startswith("failed")]
+    for r in failed:
+        print(f"error: {r['run']}: {r['status']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
