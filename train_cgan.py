@@ -23,9 +23,9 @@ from pipelines.gan import GANStep, build_cgan, class_interpolation, latent_inter
 from pipelines.losses import gan_loss
 from pipelines.pipeline_cgan import CGANPipeline
 from pipelines.training import (
-    NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state,
-    make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
-    training_batches,
+    NonFiniteGuard, Upkeep, apply_speed_options, class_grid_labels, ema_state, inference_mode, load_checkpoint,
+    load_ema_state, make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline,
+    steps_from, training_batches,
 )
 
 GRID_PER_CLASS = 10  # report A's 10x10 grid
@@ -43,6 +43,7 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
 
     # Models, optimizers, EMA.
     generator, discriminator = build_cgan(cfg, data.num_classes, channels, size)
+    apply_speed_options(cfg, generator, discriminator)
     opt_g, opt_d = make_optimizers(cfg, generator, discriminator, device)
     generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
     ema = make_ema(accelerator.unwrap_model(generator), cfg.train.ema_decay, device)

@@ -27,9 +27,9 @@ from pipelines.models.unet import build_unet
 from pipelines.pipeline_ddpm import ClassConditionalDiffusionPipeline
 from pipelines.plots import denoising_strip, plot_losses, plot_schedule
 from pipelines.training import (
-    NonFiniteGuard, Upkeep, class_grid_labels, ema_state, inference_mode, load_checkpoint, load_ema_state, log_image,
-    make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline, steps_from,
-    training_batches,
+    NonFiniteGuard, Upkeep, apply_speed_options, class_grid_labels, ema_state, inference_mode, load_checkpoint,
+    load_ema_state, log_image, make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid,
+    save_pipeline, steps_from, training_batches,
 )
 
 GRID_PER_CLASS = 8
@@ -53,6 +53,7 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
     # Model, noise schedule, optimizer, LR schedule, EMA.
     guidance = cfg.diffusion.label_dropout > 0
     unet = build_unet(cfg.model, data.num_classes, channels, size, null_class=guidance)
+    apply_speed_options(cfg, unet)
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,

@@ -28,7 +28,7 @@ from pipelines.diffusion import DiffusionStep, build_lr_schedule, build_noise_sc
 from pipelines.gan import GANStep, build_cgan, make_optimizers
 from pipelines.losses import gan_loss
 from pipelines.models.unet import build_unet
-from pipelines.training import NonFiniteGuard, make_ema
+from pipelines.training import NonFiniteGuard, apply_speed_options, make_ema
 
 
 def timed(fn, steps: int, warmup: int) -> float:
@@ -57,13 +57,14 @@ def batches(loader: BatchLoader):
         epoch += 1
 
 
-def bench_cgan(path: str, steps: int, warmup: int) -> dict:
-    cfg = load_config(CGANConfig, path)
+def bench_cgan(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dict:
+    cfg = load_config(CGANConfig, path, list(overrides))
     AcceleratorState._reset_state(True)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     loader = loader_for(cfg, acc)
     c, s, _ = loader.image_shape
     g, d = build_cgan(cfg, loader.data.num_classes, c, s)
+    apply_speed_options(cfg, g, d)
     opt_g, opt_d = make_optimizers(cfg, g, d, acc.device)
     g, d, opt_g, opt_d = acc.prepare(g, d, opt_g, opt_d)
     ema = make_ema(acc.unwrap_model(g), cfg.train.ema_decay, acc.device)
@@ -93,13 +94,14 @@ def bench_cgan(path: str, steps: int, warmup: int) -> dict:
     return row("cgan", path, cfg.train.batch_size, steps, ours, ceiling)
 
 
-def bench_ddpm(path: str, steps: int, warmup: int) -> dict:
-    cfg = load_config(DDPMConfig, path)
+def bench_ddpm(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dict:
+    cfg = load_config(DDPMConfig, path, list(overrides))
     AcceleratorState._reset_state(True)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     loader = loader_for(cfg, acc)
     c, s, _ = loader.image_shape
     unet = build_unet(cfg.model, loader.data.num_classes, c, s, null_class=cfg.diffusion.label_dropout > 0)
+    apply_speed_options(cfg, unet)
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr)
     sched = build_lr_schedule(opt, cfg.optim, 10**6, 1)
@@ -138,12 +140,15 @@ def main() -> None:
     p.add_argument("--ddpm", default="configs/ddpm/demo_cpu.yaml")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
+                   help="config overrides for both, e.g. train.compile=true train.channels_last=true")
     p.add_argument("--json")
     args = p.parse_args()
-    rows = [bench_cgan(args.cgan, args.steps, args.warmup), bench_ddpm(args.ddpm, args.steps, args.warmup)]
+    rows = [bench_cgan(args.cgan, args.steps, args.warmup, args.set),
+            bench_ddpm(args.ddpm, args.steps, args.warmup, args.set)]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  torch {torch.__version__}"
-          f"  {device}")
+          f"  {device}  {' '.join(args.set)}")
     print(f"{'trainer':8} {'config':32} {'batch':>5} {'ours s/step':>12} {'bare s/step':>12} {'ours img/s':>11} "
           f"{'bare img/s':>11} {'ours/bare':>9}")
     for r in rows:

@@ -188,6 +188,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     ema_decay: Optional[float] = None  # None: no EMA copy of the weights
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
+    # Speed options, applied to the networks in place (checkpoints and exports are the same either way):
+    compile: bool = False  # torch.compile the forward passes; pays on GPUs, costs compile time up front
+    channels_last: bool = False  # NHWC memory format for the conv nets; pays with bf16/fp16 on tensor cores
 
     def validate(self) -> None:
         for key in ("batch_size", "epochs", "gradient_accumulation_steps", "max_nonfinite_steps"):
@@ -215,6 +218,9 @@ class CGANConfig:
 
     def validate(self) -> None:
         _validate_run(self)
+        if self.train.compile and self.loss.name == "wgan_gp":
+            raise ConfigError("train.compile=true with loss.name=wgan_gp: torch.compile cannot differentiate the "
+                              "gradient penalty twice; use train.compile=false or another loss (bce, lsgan, hinge)")
         if self.train.gradient_accumulation_steps != 1:
             raise ConfigError(
                 "train.gradient_accumulation_steps must be 1 for the cGAN: each D and G update uses one batch"

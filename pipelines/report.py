@@ -200,8 +200,13 @@ def plot_eval_curves(study, path: Path, best: Optional[dict] = None) -> Optional
     if not drawn:
         plt.close(fig)
         return None
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
     axes[0].set(xlabel="epoch", ylabel="offline FID (lower is better)", yscale="log")
+    axes[0].yaxis.set_major_formatter(ScalarFormatter())
     axes[1].set(xlabel="epoch", ylabel="conditional accuracy")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -216,8 +221,8 @@ def grid_matrix(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = list(dict.fromkeys(r["run"] for r in rows))
-    exports = list(dict.fromkeys(r["export"] for r in rows))
+    runs = sorted({r["run"] for r in rows})
+    exports = sorted({r["export"] for r in rows})  # epoch_001 < epoch_002 ...; best < final
     fig, axes = plt.subplots(len(runs), len(exports), figsize=(2.4 * len(exports), 2.6 * len(runs)), squeeze=False)
     for i, run in enumerate(runs):
         for j, export in enumerate(exports):

@@ -105,6 +105,16 @@ def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
     return accelerator
 
 
+def apply_speed_options(cfg: Any, *models: torch.nn.Module) -> None:
+    """`train.channels_last` and `train.compile`, in place: no wrapper module, so state-dict keys,
+    checkpoints and exports do not depend on them and a run may resume with them switched."""
+    for model in models:
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            model.compile()
+
+
 def training_batches(cfg: Any, accelerator: Accelerator):
     """The training split decoded once into uint8 tensors on the device, as batches sharded by process."""
     from .data import BatchLoader, load_tensors

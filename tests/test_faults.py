@@ -213,3 +213,25 @@ def test_disk_full_while_exporting_keeps_the_previous_export(uninterrupted, tmp_
         save_pipeline(pipeline, export)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]  # the partial copy is gone
     assert_same_tensors(load_safetensors_dir(export), before)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_launcher_files_are_valid_accelerate_configs(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.mixed_precision in {"no", "bf16", "fp16"} and cfg.num_processes >= 1
+    assert (cfg.num_machines > 1) == (path.stem == "multi_node")
+
+
+def test_multi_gpu_bf16_launcher_file_runs_two_processes_here(tmp_path):
+    """The same file on this GPU-less machine: two gloo processes with bf16 autocast."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "multi_gpu_bf16.yaml"), "--num_processes", "2",
+           str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
+           "train.batch_size=16"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 8 steps") == 1
+    assert (out / "pipeline" / "model_index.json").exists()
