@@ -200,10 +200,12 @@ def plot_eval_curves(study, path: Path, best: Optional[dict] = None) -> Optional
     if not drawn:
         plt.close(fig)
         return None
-    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     axes[0].set(xlabel="epoch", ylabel="offline FID (lower is better)", yscale="log")
-    axes[0].yaxis.set_major_formatter(ScalarFormatter())
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axes[0].yaxis.set_major_formatter(plain)
+    axes[0].yaxis.set_minor_formatter(plain)
     axes[1].set(xlabel="epoch", ylabel="conditional accuracy")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

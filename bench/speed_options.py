@@ -1,0 +1,57 @@
+"""The speed options measured in one run: each trainer's real step (the path `train_*.py` runs)
+with `train.channels_last`, `train.compile` and both, against the defaults.
+
+Every variant builds fresh models from the same config, then times the same number of steps after
+warm-up (compilation happens in the warm-up). The table shows images/s and the ratio to the default.
+
+    python bench/speed_options.py [--cgan configs/cgan/demo_cpu.yaml] [--ddpm configs/ddpm/demo_cpu.yaml]
+                                  [--steps 30] [--json out.json]
+    python bench/speed_options.py --set train.mixed_precision=bf16     # on a GPU: the variants under bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+from train_step import bench_cgan, bench_ddpm
+
+VARIANTS = {"default": [], "channels_last": ["train.channels_last=true"], "compile": ["train.compile=true"],
+            "channels_last + compile": ["train.channels_last=true", "train.compile=true"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cgan", default="configs/cgan/demo_cpu.yaml")
+    p.add_argument("--ddpm", default="configs/ddpm/demo_cpu.yaml")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="overrides for every variant")
+    p.add_argument("--json")
+    args = p.parse_args()
+    rows = []
+    for trainer, bench, config in (("cgan", bench_cgan, args.cgan), ("ddpm", bench_ddpm, args.ddpm)):
+        for name, overrides in VARIANTS.items():
+            result = bench(config, args.steps, args.warmup, [*args.set, *overrides])
+            rows.append({"trainer": trainer, "config": config, "variant": name, "img_s": result["ours_img_s"],
+                         "bare_img_s": result["ceiling_img_s"]})
+    for row in rows:
+        default = next(r for r in rows if r["trainer"] == row["trainer"] and r["variant"] == "default")
+        row["vs_default"] = row["img_s"] / default["img_s"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  torch {torch.__version__}"
+          f"  {device}  {' '.join(args.set)}")
+    print(f"{'trainer':8} {'config':28} {'variant':24} {'img/s':>8} {'bare img/s':>11} {'vs default':>10}")
+    for r in rows:
+        print(f"{r['trainer']:8} {r['config']:28} {r['variant']:24} {r['img_s']:>8.1f} {r['bare_img_s']:>11.1f} "
+              f"{r['vs_default']:>10.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "set": args.set, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
