@@ -11,13 +11,13 @@ recipes; pass exported pipelines to time those instead.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from common import machine_line
 
 from pipelines import CGANPipeline, ClassConditionalDiffusionPipeline
 from pipelines.config import CGANConfig, DDPMConfig, load_config
@@ -95,8 +95,7 @@ def main() -> None:
                                                   output_type="pt"), args.batch)})
 
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  torch {torch.__version__}"
-          f"  {where}  batch {args.batch}")
+    print(machine_line(f"batch {args.batch}"))
     print(f"{'model':6} {'sampler':16} {'steps':>5} {'guid.':>5} {'img/s':>9} {'s/img':>9} {'peak MiB':>9}")
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"

@@ -12,11 +12,9 @@ warm-up (compilation happens in the warm-up). The table shows images/s and the r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 
-import torch
+from common import add_trainer_args, device_name, machine_line
 from train_step import bench_cgan, bench_ddpm
 
 VARIANTS = {"default": [], "channels_last": ["train.channels_last=true"], "compile": ["train.compile=true"],
@@ -25,10 +23,7 @@ VARIANTS = {"default": [], "channels_last": ["train.channels_last=true"], "compi
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cgan", default="configs/cgan/demo_cpu.yaml")
-    p.add_argument("--ddpm", default="configs/ddpm/demo_cpu.yaml")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    add_trainer_args(p)
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="overrides for every variant")
     p.add_argument("--json")
     args = p.parse_args()
@@ -41,9 +36,8 @@ def main() -> None:
     for row in rows:
         default = next(r for r in rows if r["trainer"] == row["trainer"] and r["variant"] == "default")
         row["vs_default"] = row["img_s"] / default["img_s"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  torch {torch.__version__}"
-          f"  {device}  {' '.join(args.set)}")
+    device = device_name()
+    print(machine_line(f"{' '.join(args.set)}"))
     print(f"{'trainer':8} {'config':28} {'variant':24} {'img/s':>8} {'bare img/s':>11} {'vs default':>10}")
     for r in rows:
         print(f"{r['trainer']:8} {r['config']:28} {r['variant']:24} {r['img_s']:>8.1f} {r['bare_img_s']:>11.1f} "

@@ -12,15 +12,15 @@ warm-up; the table shows images/s and ours / ceiling.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+
+from common import add_trainer_args, device_name, machine_line
 
 from pipelines.config import CGANConfig, DDPMConfig, load_config
 from pipelines.data import BatchLoader, load_tensors
@@ -136,19 +136,15 @@ def row(name: str, path: str, batch: int, steps: int, ours: float, ceiling: floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cgan", default="configs/cgan/demo_cpu.yaml")
-    p.add_argument("--ddpm", default="configs/ddpm/demo_cpu.yaml")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    add_trainer_args(p)
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                    help="config overrides for both, e.g. train.compile=true train.channels_last=true")
     p.add_argument("--json")
     args = p.parse_args()
     rows = [bench_cgan(args.cgan, args.steps, args.warmup, args.set),
             bench_ddpm(args.ddpm, args.steps, args.warmup, args.set)]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  torch {torch.__version__}"
-          f"  {device}  {' '.join(args.set)}")
+    device = device_name()
+    print(machine_line(f"{' '.join(args.set)}"))
     print(f"{'trainer':8} {'config':32} {'batch':>5} {'ours s/step':>12} {'bare s/step':>12} {'ours img/s':>11} "
           f"{'bare img/s':>11} {'ours/bare':>9}")
     for r in rows:

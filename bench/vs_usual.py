@@ -18,17 +18,17 @@ Both run the same number of timed steps after warm-up, on real Fashion-MNIST.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from data import usual_transform
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
+
+from common import device_name, machine_line
+from data import usual_transform
 from train_step import bench_ddpm, timed
 
 from pipelines.config import DDPMConfig, load_config
@@ -97,13 +97,12 @@ def main() -> None:
     usual = bench_usual(args.config, args.steps, args.warmup, args.workers)
     ours = bench_ddpm(args.config, args.steps, args.warmup)
     batch = ours["batch"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device = device_name()
     result = {"config": args.config, "batch": batch, "steps": args.steps, "workers": args.workers, "device": device,
               "ours_img_s": ours["ours_img_s"], "usual_img_s": batch * args.steps / usual,
               "ceiling_img_s": ours["ceiling_img_s"]}
     result["ours_over_usual"] = result["ours_img_s"] / result["usual_img_s"]
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  torch {torch.__version__}"
-          f"  {device}")
+    print(machine_line())
     print(f"{'config':32} {'batch':>5} {'usual img/s':>12} {'ours img/s':>11} {'bare img/s':>11} {'ours/usual':>10}")
     print(f"{args.config:32} {batch:>5} {result['usual_img_s']:>12.1f} {result['ours_img_s']:>11.1f} "
           f"{result['ceiling_img_s']:>11.1f} {result['ours_over_usual']:>10.3f}")

@@ -12,7 +12,6 @@ import torch
 
 from conftest import requires_fmnist
 from pipelines import CGANGenerator, CGANPipeline
-from pipelines.classifier import save_classifier, train_classifier
 from pipelines.config import CGANConfig, DataConfig
 from pipelines.data import ImageTensors, load_tensors
 from pipelines.metrics import (
