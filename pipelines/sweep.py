@@ -193,13 +193,13 @@ class InceptionProbe:
     """Inception FID and IS where clean-fid's weights can be had; one attempt per study, not per export."""
 
     def __init__(self, mode: str):
-        self.mode, self.note = mode, None
+        self.mode, self.note, self.loaded = mode, None, False
         if mode == "no":
             self.note = "Inception metrics skipped (--inception no)"
 
     def available(self) -> bool:
-        if self.note is not None:
-            return False
+        if self.note is not None or self.loaded:
+            return self.loaded
         import torch
 
         from .metrics import MetricsError, inception_extractor
@@ -211,7 +211,7 @@ class InceptionProbe:
                 raise
             self.note = f"Inception metrics not available here: {err}"
             return False
-        self.mode = "yes"  # loaded once: the weights are on disk now
+        self.loaded = True  # the weights are on disk now; evaluate() loads them itself
         return True
 
 

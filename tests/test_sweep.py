@@ -169,3 +169,22 @@ def test_experiment_cgan_vs_ddpm_end_to_end(tmp_path, classifier_dir):
     assert all(r["epochs"] in (1, 2) for r in report["rows"])
     text = (tmp_path / "exp" / "report" / "report.md").read_text()
     assert "cGAN against DDPM, tiny." in text and "curves.png" in text and "grids.png" in text
+
+
+def test_inception_is_tried_once_per_study(monkeypatch):
+    from pipelines import metrics
+    from pipelines.sweep import InceptionProbe
+
+    calls = []
+
+    def offline(device):
+        calls.append(device)
+        raise metrics.MetricsError("no weights here")
+
+    monkeypatch.setattr(metrics, "inception_extractor", offline)
+    auto = InceptionProbe("auto")
+    assert [auto.available() for _ in range(3)] == [False] * 3 and len(calls) == 1
+    assert "no weights here" in auto.note
+    with pytest.raises(metrics.MetricsError):
+        InceptionProbe("yes").available()
+    assert not InceptionProbe("no").available() and len(calls) == 2
