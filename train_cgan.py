@@ -49,7 +49,7 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
     ema = make_ema(accelerator.unwrap_model(generator), cfg.train.ema_decay, device)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     step_fn = GANStep(accelerator, generator, discriminator, opt_g, opt_d, gan_loss(cfg.loss.name),
-                      cfg.loss.gp_weight, cfg.loss.critic_steps, guard, ema)
+                      cfg.loss.gp_weight, cfg.loss.critic_steps, guard, ema, mode_seeking=cfg.loss.mode_seeking)
 
     # Resume: one integer (the step) plus the saved state.
     step = 0

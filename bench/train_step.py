@@ -69,7 +69,7 @@ def bench_cgan(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dic
     g, d, opt_g, opt_d = acc.prepare(g, d, opt_g, opt_d)
     ema = make_ema(acc.unwrap_model(g), cfg.train.ema_decay, acc.device)
     step_fn = GANStep(acc, g, d, opt_g, opt_d, gan_loss(cfg.loss.name), cfg.loss.gp_weight, cfg.loss.critic_steps,
-                      NonFiniteGuard(10), ema)
+                      NonFiniteGuard(10), ema, mode_seeking=cfg.loss.mode_seeking)
     it = batches(loader)
     counter = iter(range(10**9))
     ours = timed(lambda: step_fn(next(counter), *next(it)), steps, warmup)

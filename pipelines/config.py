@@ -153,11 +153,15 @@ class GANLossConfig:
     name: Literal["bce", "wgan_gp", "lsgan", "hinge"] = "bce"
     gp_weight: float = 10.0  # WGAN-GP lambda
     critic_steps: int = 1  # discriminator updates per generator update (5 is usual for WGAN-GP)
+    # MSGAN's mode-seeking weight (1.0 in its paper); 0 is off. Against within-class collapse: the generator
+    # is paid for making two codes of one class give different images.
+    mode_seeking: float = 0.0
 
     def validate(self) -> None:
         _positive(self, "critic_steps", "loss")
-        if self.gp_weight < 0:
-            raise ConfigError(f"loss.gp_weight={self.gp_weight}: must be >= 0")
+        for key in ("gp_weight", "mode_seeking"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key}={getattr(self, key)}: must be >= 0")
 
 
 # Seeds, report B: 2e-4 for BCE, LSGAN and hinge, 1e-4 for WGAN-GP.

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .config import DEFAULT_GAN_LR, CGANConfig, ConfigError
-from .losses import GANLoss, gradient_penalty
+from .losses import GANLoss, gradient_penalty, mode_seeking_penalty
 from .models.cgan import CGANDiscriminator, CGANGenerator
 from .training import NonFiniteGuard
 
@@ -40,6 +40,15 @@ def make_optimizers(cfg: CGANConfig, generator: torch.nn.Module, discriminator: 
     return opt_g, opt_d
 
 
+def paired_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The batch's labels with the second half copied from the first, so fakes i and i + B/2 share a class.
+
+    The fakes' class frequencies stay those of the data in expectation; mode seeking needs the pairs.
+    """
+    half = labels.shape[0] // 2
+    return torch.cat([labels[:half], labels[:half], labels[2 * half:]])
+
+
 @dataclass
 class GANStep:
     """One discriminator update, and a generator update every `critic_steps` calls.
@@ -57,17 +66,19 @@ class GANStep:
     critic_steps: int
     guard: NonFiniteGuard
     ema: Optional[object] = None
+    mode_seeking: float = 0.0  # MSGAN weight; > 0 gives both halves of the fake batch the same labels
     skipped: int = field(default=0)
 
     def __call__(self, step: int, real: torch.Tensor, labels: torch.Tensor, measure_grads: bool = False) -> dict:
         acc, G, D = self.accelerator, self.generator, self.discriminator
         unwrapped = acc.unwrap_model(G)
         z = unwrapped.sample_noise(real.shape[0], device=real.device)
-        fake = G(z, labels)
+        fake_labels = paired_labels(labels) if self.mode_seeking else labels
+        fake = G(z, fake_labels)
 
         # Discriminator (critic) update.
         real_logits = D(real, labels)
-        fake_logits = D(fake.detach(), labels)
+        fake_logits = D(fake.detach(), fake_labels)
         loss_d = self.loss.discriminator(real_logits, fake_logits)
         if self.loss.gradient_penalty:
             loss_d = loss_d + self.gp_weight * gradient_penalty(D, real, fake, labels)
@@ -86,8 +97,12 @@ class GANStep:
             return metrics
 
         # Generator update, against the discriminator just updated, reusing this step's fakes.
-        loss_g = self.loss.generator(D(fake, labels))
+        loss_g = self.loss.generator(D(fake, fake_labels))
         metrics["loss_g"] = loss_g.detach()
+        if self.mode_seeking and real.shape[0] >= 2:
+            penalty = mode_seeking_penalty(fake, z)
+            metrics["mode_seeking"] = penalty.detach()
+            loss_g = loss_g + self.mode_seeking * penalty
         self.opt_g.zero_grad(set_to_none=True)
         if not self.guard.ok(loss_g):
             self.skipped += 1

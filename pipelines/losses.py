@@ -80,6 +80,18 @@ def gradient_penalty(critic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
 
 
+def mode_seeking_penalty(images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSGAN (Mao et al., 2019): 1 / (mean |G(z1, y) - G(z2, y)| / mean |z1 - z2| + eps), to minimise.
+
+    Pairs are (i, i + B/2): the trainer gives both halves of the batch the same labels. A generator that
+    maps different codes of one class to the same image pays a large penalty; that is within-class collapse.
+    """
+    half = images.shape[0] // 2
+    ratio = ((images[:half] - images[half:2 * half]).abs().mean()
+             / (z[:half] - z[half:2 * half]).abs().mean())
+    return 1.0 / (ratio + 1e-5)
+
+
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor,
                    weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE between the U-Net's output and its target (noise or velocity), optionally weighted per sample."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The standing GPU check (see ../shared/GPU.md): about 8 minutes on one H200.
 #   bash scripts/gpu_check.sh OUT_DIR [DATA_DIR]
-# Prints the GPU figures of bench/, trains the Fashion-MNIST DDPM (report A) and best-cGAN recipes
+# Prints the GPU figures of bench/, trains the Fashion-MNIST DDPM quality and best-cGAN recipes
 # time-boxed by step counts, evaluates both with the offline classifier, and leaves at most 8 files in
 # OUT_DIR: two benchmark JSONs, two metrics JSONs, two grids (the log is the caller's tee).
 # SMALL=1 shrinks everything for a CPU rehearsal.
@@ -29,9 +29,9 @@ echo "== sampling"
 "$PY" bench/sampling.py --ddpm-config configs/ddpm/report_a.yaml --batch "$sample_batch" --skip-ddpm-full \
   --json "$OUT/bench_sampling.json"
 
-echo "== DDPM, report A recipe, $ddpm_steps steps, bf16"
-"$PY" train_ddpm.py --config configs/ddpm/report_a.yaml output_dir="$WORK/ddpm" train.max_steps="$ddpm_steps" \
-  train.batch_size=128 train.mixed_precision=bf16 log.wandb=disabled checkpoint.every_steps=100000 \
+echo "== DDPM, quality recipe, $ddpm_steps steps, bf16"
+"$PY" train_ddpm.py --config configs/ddpm/fmnist_quality.yaml output_dir="$WORK/ddpm" train.max_steps="$ddpm_steps" \
+  train.mixed_precision=bf16 log.wandb=disabled eval.every_epochs=null checkpoint.every_steps=100000 \
   "${ddpm_size[@]}" "${data[@]}"
 "$PY" eval.py "$WORK/ddpm" --num-per-class "$n" --no-pngs --out "$WORK/ddpm/eval/final" \
   ${DATA:+--data fashion_mnist --data-path "$DATA"}

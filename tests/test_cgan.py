@@ -13,8 +13,8 @@ import torch
 
 from pipelines import CGANDiscriminator, CGANGenerator, CGANPipeline
 from pipelines.config import CGANConfig, ConfigError, load_config
-from pipelines.gan import GANStep
-from pipelines.losses import gan_loss
+from pipelines.gan import GANStep, paired_labels
+from pipelines.losses import gan_loss, mode_seeking_penalty
 from pipelines.training import NonFiniteGuard, list_checkpoints
 from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir, run_script
 
@@ -105,6 +105,40 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_the_limit():
     assert all(torch.equal(a, b) for a, b in zip(before, d.parameters()))
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
         step(2, x, y)
+
+
+def test_mode_seeking_pairs_share_labels_and_penalise_equal_images():
+    assert paired_labels(torch.tensor([3, 1, 4, 1, 5])).tolist() == [3, 1, 3, 1, 5]
+    z = torch.tensor([[0.0], [0.0], [2.0], [2.0]])  # mean |z1 - z2| = 2
+    images = torch.tensor([[1.0], [0.0], [0.0], [0.0]])  # mean |G1 - G2| = 0.5
+    assert mode_seeking_penalty(images, z).item() == pytest.approx(1 / (0.25 + 1e-5))
+    same = torch.zeros(4, 1)
+    assert mode_seeking_penalty(same, z).item() == pytest.approx(1e5)  # a collapsed pair costs the most
+    with pytest.raises(ConfigError, match="loss.mode_seeking=-1.0: must be >= 0"):
+        load_config(CGANConfig, None, ["loss.mode_seeking=-1.0"])
+
+
+def test_mode_seeking_makes_codes_of_one_class_differ_more():
+    """From the same start and batches, the mode-seeking term spreads G(z1, y) and G(z2, y) further apart."""
+    from accelerate import Accelerator
+
+    def spread_after_training(weight: float) -> float:
+        torch.manual_seed(0)
+        g, d = CGANGenerator(base_channels=8, latent_dim=16), CGANDiscriminator(base_channels=8)
+        opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+        step = GANStep(Accelerator(cpu=True), g, d, opt_g, opt_d, gan_loss("hinge"), 10.0, 1,
+                       NonFiniteGuard(limit=3), mode_seeking=weight)
+        data = torch.Generator().manual_seed(1)
+        for i in range(15):
+            step(i, torch.rand(16, 1, 28, 28, generator=data) * 2 - 1, torch.randint(0, 10, (16,), generator=data))
+        g.eval()
+        with torch.no_grad():
+            codes = g.sample_noise(64, torch.Generator().manual_seed(2))
+            labels = torch.arange(10).repeat(7)[:32].repeat(2)
+            images = g(codes, labels)
+        return (images[:32] - images[32:]).abs().mean().item()
+
+    assert spread_after_training(5.0) > 1.2 * spread_after_training(0.0)
 
 
 @pytest.fixture(scope="module")
