@@ -117,7 +117,11 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         sample = sample * self.scheduler.init_noise_sigma
         model_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
         step_params = set(inspect.signature(self.scheduler.step).parameters)
-        step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+        # DDIM clips its predicted x0 (clip_sample) but by default keeps the unclipped epsilon for the
+        # direction to x_t; under strong guidance the two disagree and the error compounds over steps.
+        # Re-deriving epsilon from the clipped x0 (as GLIDE does) keeps each step consistent.
+        wanted = (("eta", eta), ("generator", generator), ("use_clipped_model_output", True))
+        step_kwargs = {k: v for k, v in wanted if k in step_params}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([sample, sample]) if guided else sample
             model_input = self.scheduler.scale_model_input(model_input, t)
