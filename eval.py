@@ -3,6 +3,7 @@
     python eval.py runs/demo/ddpm --num-per-class 200                     # offline classifier features
     python eval.py runs/x/pipeline --features inception --num-per-class 1000
     python eval.py runs/x --scheduler dpmsolver --steps 20 --guidance 2
+    python eval.py runs/x --guidance 3 --guidance-interval 0 0.6              # guide the low-noise steps only
     accelerate launch --num_processes 2 eval.py runs/x                     # generation split across processes
     python eval.py train-classifier --data fashion_mnist                   # the offline metrics' classifier
     python eval.py compare runs/a runs/b --out reports/a_vs_b              # Markdown table + side-by-side grids
@@ -22,6 +23,7 @@ from typing import Optional
 from pipelines.config import ConfigError, DataConfig
 from pipelines.data import DataError
 from pipelines.metrics import MetricsError
+from pipelines.pipeline_ddpm import check_interval
 
 USER_ERRORS = (ConfigError, DataError, MetricsError, FileNotFoundError, ValueError)
 
@@ -39,6 +41,8 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpmsolver"], help="swap the diffusion sampler")
     p.add_argument("--steps", type=int, help="diffusion sampling steps")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only the steps with LO <= t/T <= HI, e.g. 0 0.6")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", help="output folder (default: <path>/eval/<features>-<sampler>)")
@@ -48,6 +52,8 @@ def evaluate_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.num_per_class < 2:
         raise ValueError(f"--num-per-class={args.num_per_class}: need at least 2 per class")
+    if args.guidance_interval:
+        check_interval(args.guidance_interval)
 
     from accelerate import Accelerator
 
@@ -58,12 +64,15 @@ def evaluate_main(argv: list[str]) -> int:
     accelerator = Accelerator(cpu=multi_cpu(), log_with="wandb" if args.wandb != "disabled" else None)
     path = Path(args.path)
     sampler = "-".join(str(v) for v in (args.scheduler, args.steps and f"{args.steps}steps",
-                                        args.guidance is not None and f"w{args.guidance}") if v)
+                                        args.guidance is not None and f"w{args.guidance}",
+                                        args.guidance_interval and "gi{:g}-{:g}".format(*args.guidance_interval))
+                       if v)
     out = Path(args.out) if args.out else path / "eval" / f"{args.features}{'-' + sampler if sampler else ''}"
     data_cfg = DataConfig(name=args.data, path=args.data_path) if args.data else None
     result = evaluate(path, out, num_per_class=args.num_per_class, features=args.features,
                       classifier=args.classifier, data_cfg=data_cfg, ref_split=args.ref_split,
-                      scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                      guidance_interval=args.guidance_interval, seed=args.seed,
                       batch_size=args.batch_size, accelerator=accelerator, save_pngs=not args.no_pngs)
     if accelerator.is_main_process:
         if args.wandb != "disabled":

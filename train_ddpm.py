@@ -79,7 +79,8 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
     pipeline = ClassConditionalDiffusionPipeline(
         unet=unwrapped, scheduler=DDIMScheduler.from_config(noise_scheduler.config),
         class_names=data.class_names, image_size=data.image_size, num_classes=data.num_classes,
-        default_steps=cfg.diffusion.sample_steps, default_guidance=cfg.diffusion.sample_guidance if guidance else 1.0)
+        default_steps=cfg.diffusion.sample_steps, default_guidance=cfg.diffusion.sample_guidance if guidance else 1.0,
+        default_guidance_interval=cfg.diffusion.sample_guidance_interval)
     pipeline.set_progress_bar_config(disable=True)
     grid_labels = class_grid_labels(data.num_classes, GRID_PER_CLASS)
     sample_kwargs = dict(num_inference_steps=cfg.diffusion.sample_steps,

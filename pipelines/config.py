@@ -138,6 +138,7 @@ class CGANModelConfig:
     noise: Literal["normal", "uniform"] = "normal"  # uniform draws from [-1, 1]
     d_norm: Literal["batch", "spectral"] = "batch"  # spectral norm stabilises D (Miyato et al., 2018)
     d_conditioning: Literal["label_map", "projection"] = "label_map"  # label_map is the seeds' extra channel
+    d_class_std: bool = False  # D also sees the batch's within-class feature spread (against collapse)
     image_size: Optional[int] = None  # None: taken from the data
     channels: Optional[int] = None  # None: taken from the data
 
@@ -269,9 +270,16 @@ class DiffusionConfig:
     label_dropout: float = 0.1  # classifier-free guidance: share of labels replaced by the null class; 0 turns it off
     sample_steps: int = 10  # DDIM steps for the cheap training grids
     sample_guidance: float = 2.0
+    # Guide only the steps with lo <= t / T <= hi (the rest use the conditional model alone);
+    # None guides every step. Also the export's default.
+    sample_guidance_interval: Optional[list[float]] = None
 
     def validate(self) -> None:
         _positive(self, "num_train_timesteps", "diffusion")
+        interval = self.sample_guidance_interval
+        if interval is not None and (len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0):
+            raise ConfigError(f"diffusion.sample_guidance_interval={interval}: must be [lo, hi] with "
+                              "0 <= lo < hi <= 1, or null")
         _positive(self, "sample_steps", "diffusion")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"diffusion.label_dropout={self.label_dropout}: must be in [0, 1)")
@@ -383,6 +391,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: null is not allowed here; expected {', '.join(_type_name(o) for o in others)}")
         raise ConfigError(errors[0])
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not a valid choice; valid choices: {', '.join(map(str, args))}")
         return value

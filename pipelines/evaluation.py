@@ -77,7 +77,8 @@ def is_diffusion(pipe) -> bool:
     return hasattr(pipe, "unet")
 
 
-def sample_call_kwargs(pipe, steps: Optional[int], guidance: Optional[float]) -> dict:
+def sample_call_kwargs(pipe, steps: Optional[int], guidance: Optional[float],
+                       guidance_interval: Optional[list[float]] = None) -> dict:
     if not is_diffusion(pipe):
         return {}
     kwargs = {}
@@ -85,6 +86,8 @@ def sample_call_kwargs(pipe, steps: Optional[int], guidance: Optional[float]) ->
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
+    if guidance_interval is not None:
+        kwargs["guidance_interval"] = list(guidance_interval)
     return kwargs
 
 
@@ -166,7 +169,7 @@ def score(images: torch.Tensor, labels: torch.Tensor, real: ImageTensors, extrac
 def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, features: str = "classifier",
              classifier: Optional[str] = None, data_cfg: Optional[DataConfig] = None, ref_split: str = "test",
              scheduler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
-             seed: int = 0, batch_size: int = 250, accelerator=None, save_pngs: bool = True) -> dict:
+             guidance_interval: Optional[list[float]] = None, seed: int = 0, batch_size: int = 250, accelerator=None, save_pngs: bool = True) -> dict:
     """Generate `num_per_class` images per class, score them, write `metrics.json` and the samples to `out_dir`."""
     pipeline_path = Path(pipeline_path)
     data_cfg = data_cfg or run_data_config(pipeline_path)
@@ -179,7 +182,7 @@ def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, fe
     real = load_tensors(replace(data_cfg, split=ref_split, limit=None))
     train_split = load_tensors(replace(data_cfg, split="train", limit=None)) if ref_split == "test" else None
     labels = torch.arange(real.num_classes).repeat_interleave(num_per_class)
-    call_kwargs = sample_call_kwargs(pipe, steps, guidance)
+    call_kwargs = sample_call_kwargs(pipe, steps, guidance, guidance_interval)
     start = time.perf_counter()
     images = generate(pipe, labels, batch_size, seed, accelerator, **call_kwargs)
     seconds = time.perf_counter() - start
@@ -288,7 +291,7 @@ def choose_default_sampler(run: Path, tolerance: float = 0.1) -> dict:
     """Make the fastest evaluated sampler whose FID is within `tolerance` of the best the export's default.
 
     Reads the run's `eval/*/metrics.json` of diffusion samplers at the most common sample count,
-    then rewrites `pipeline/` (atomically) with that scheduler, step count and guidance scale.
+    then rewrites `pipeline/` (atomically) with that scheduler, step count, guidance scale and interval.
     """
     import diffusers
 
@@ -309,7 +312,8 @@ def choose_default_sampler(run: Path, tolerance: float = 0.1) -> dict:
     pipe = load_pipeline(run)
     pipe.scheduler = getattr(diffusers, sampler["scheduler"]).from_config(pipe.scheduler.config)
     pipe.register_to_config(default_steps=sampler["num_inference_steps"],
-                            default_guidance=sampler.get("guidance_scale", 1.0))
+                            default_guidance=sampler.get("guidance_scale", 1.0),
+                            default_guidance_interval=sampler.get("guidance_interval"))
     folder = run / "pipeline" if (run / "pipeline").is_dir() else run
     extra = {"pipeline.py": folder / "pipeline.py"} if (folder / "pipeline.py").is_file() else None
     if extra:  # save_pipeline replaces the folder: keep the copy of the pipeline source outside it first

@@ -27,7 +27,8 @@ def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
     shared = dict(arch=m.arch, num_classes=num_classes, label_emb_dim=m.label_emb_dim, base_channels=m.base_channels,
                   bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, image_size=image_size, channels=channels)
     generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, **shared)
-    discriminator = CGANDiscriminator(norm=m.d_norm, conditioning=m.d_conditioning, **shared)
+    discriminator = CGANDiscriminator(norm=m.d_norm, conditioning=m.d_conditioning, class_std=m.d_class_std,
+                                      **shared)
     return generator, discriminator
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .evaluation import load_pipeline, sample_call_kwargs
+from .pipeline_ddpm import check_interval
 
 
 def parse_class(value: str, class_names: list[str]) -> int:
@@ -43,11 +44,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpmsolver"])
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only the steps with LO <= t/T <= HI")
     args = p.parse_args(argv)
     try:
         pipe = load_pipeline(args.pipeline, args.scheduler)
         names = list(pipe.config.class_names or [str(i) for i in range(10)])
         classes = [parse_class(c, names) for c in args.classes]
+        if args.guidance_interval:
+            check_interval(args.guidance_interval)
         if args.num < 1:
             raise ValueError(f"--num={args.num}: must be at least 1")
     except (ValueError, FileNotFoundError) as err:
@@ -57,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     pipe.to(device)
     labels = torch.tensor(classes).repeat_interleave(args.num)
     images = pipe(labels.tolist(), generator=torch.Generator(device).manual_seed(args.seed), output_type="pt",
-                  **sample_call_kwargs(pipe, args.steps, args.guidance)).images
+                  **sample_call_kwargs(pipe, args.steps, args.guidance, args.guidance_interval)).images
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         from torchvision.utils import save_image

@@ -9,7 +9,7 @@ This file imports only torch and diffusers: it is copied into every exported pip
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,6 +42,14 @@ def class_label_tensor(class_labels: ClassLabels, class_names: Optional[List[str
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def check_interval(interval: Sequence[float]) -> Tuple[float, float]:
+    """A guidance interval (lo, hi) with 0 <= lo < hi <= 1, or a ValueError naming it."""
+    values = tuple(float(v) for v in interval)
+    if len(values) != 2 or not 0.0 <= values[0] < values[1] <= 1.0:
+        raise ValueError(f"guidance_interval={list(interval)}: must be two fractions lo < hi within [0, 1]")
+    return values
+
+
 def images_to_output(images: torch.Tensor, output_type: str, numpy_to_pil) -> Union[torch.Tensor, np.ndarray, list]:
     """[-1, 1] (B, C, H, W) -> 'pt' [0, 1] tensor, 'np' [0, 1] (B, H, W, C) array, or 'pil' images."""
     if output_type not in ("pil", "np", "pt"):
@@ -64,19 +72,21 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         image_size: the dataset's own image size; samples are centre-cropped to it when the U-Net
             works on padded images (Fashion-MNIST 28 -> 32).
         num_classes: the number of real classes (the U-Net may have one more: the null class).
-        default_steps, default_guidance: what `__call__` uses when not told (set at export to the
-            fastest setting that keeps the quality).
+        default_steps, default_guidance, default_guidance_interval: what `__call__` uses when not told
+            (set at export to the fastest setting that keeps the quality).
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler, class_names: Optional[List[str]] = None,
                  image_size: Optional[int] = None, num_classes: Optional[int] = None, default_steps: int = 50,
-                 default_guidance: float = 1.0):
+                 default_guidance: float = 1.0, default_guidance_interval: Optional[Sequence[float]] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        interval = None if default_guidance_interval is None else list(check_interval(default_guidance_interval))
         self.register_to_config(class_names=class_names, image_size=image_size, num_classes=num_classes,
-                                default_steps=default_steps, default_guidance=default_guidance)
+                                default_steps=default_steps, default_guidance=default_guidance,
+                                default_guidance_interval=interval)
 
     @property
     def num_classes(self) -> int:
@@ -90,7 +100,7 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, class_labels: ClassLabels, num_inference_steps: Optional[int] = None,
-                 guidance_scale: Optional[float] = None,
+                 guidance_scale: Optional[float] = None, guidance_interval: Optional[Sequence[float]] = None,
                  eta: float = 0.0, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
                  output_type: str = "pil", return_dict: bool = True,
                  callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None):
@@ -100,12 +110,19 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         `default_guidance`.
         `guidance_scale` w mixes predictions as uncond + w * (cond - uncond); 1 is the plain
         conditional model. Both halves go through the U-Net in one batched call per step.
+        `guidance_interval` (lo, hi), fractions of the training timesteps, applies guidance only to
+        the steps with lo <= t / T <= hi and the plain conditional model elsewhere (Kynkaanniemi et
+        al. 2024): guidance at high noise is what collapses the layouts within a class, so an
+        interval such as (0, 0.6) keeps most of the accuracy gain without the loss of diversity.
+        Defaults to the export's `default_guidance_interval` (None: every step).
         `callback(i, t, sample)` is called after each step (for denoising strips).
         """
         labels = class_label_tensor(class_labels, self.config.class_names, self.num_classes, self._execution_device)
         num_inference_steps = num_inference_steps or self.config.default_steps
         guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
         guided = guidance_scale != 1.0
+        interval = guidance_interval if guidance_interval is not None else self.config.get("default_guidance_interval")
+        lo, hi = check_interval(interval) if interval is not None else (0.0, 1.0)
         if guided and not self.has_null_class:
             raise ValueError("guidance_scale != 1 needs a U-Net trained with label dropout (a null class); "
                              "this one has none: use guidance_scale=1")
@@ -115,7 +132,8 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         sample = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         sample = sample * self.scheduler.init_noise_sigma
-        model_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+        guided_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         # DDIM clips its predicted x0 (clip_sample) but by default keeps the unclipped epsilon for the
         # direction to x_t; under strong guidance the two disagree and the error compounds over steps.
@@ -123,10 +141,11 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         wanted = (("eta", eta), ("generator", generator), ("use_clipped_model_output", True))
         step_kwargs = {k: v for k, v in wanted if k in step_params}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = torch.cat([sample, sample]) if guided else sample
+            guide = guided and lo <= float(t) / num_train_timesteps <= hi
+            model_input = torch.cat([sample, sample]) if guide else sample
             model_input = self.scheduler.scale_model_input(model_input, t)
-            output = self.unet(model_input, t, class_labels=model_labels).sample
-            if guided:
+            output = self.unet(model_input, t, class_labels=guided_labels if guide else labels).sample
+            if guide:
                 cond, uncond = output.chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
             sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample

@@ -81,7 +81,8 @@ def side_by_side(runs: list[Path], path: Path, per_class: int, seed: int, metric
     for ax, run, m in zip(axes[0], runs, metrics):
         pipe = load_pipeline(run)
         sampler = m.get("sampler", {})
-        kwargs = sample_call_kwargs(pipe, sampler.get("num_inference_steps"), sampler.get("guidance_scale"))
+        kwargs = sample_call_kwargs(pipe, sampler.get("num_inference_steps"), sampler.get("guidance_scale"),
+                                    sampler.get("guidance_interval"))
         num_classes = len(pipe.config.class_names) if pipe.config.class_names else 10
         labels = torch.arange(num_classes).repeat_interleave(per_class)
         images = generate(pipe, labels, batch_size=len(labels), seed=seed, **kwargs)

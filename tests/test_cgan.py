@@ -15,6 +15,7 @@ from pipelines import CGANDiscriminator, CGANGenerator, CGANPipeline
 from pipelines.config import CGANConfig, ConfigError, load_config
 from pipelines.gan import GANStep, paired_labels
 from pipelines.losses import gan_loss, mode_seeking_penalty
+from pipelines.models.cgan import class_feature_std
 from pipelines.training import NonFiniteGuard, list_checkpoints
 from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir, run_script
 
@@ -41,6 +42,27 @@ def test_discriminator_uses_the_label():
     d = CGANDiscriminator(base_channels=8).eval()
     x = torch.randn(2, 1, 28, 28)
     assert not torch.allclose(d(x, torch.tensor([0, 0])), d(x, torch.tensor([5, 5])))
+
+
+def test_class_feature_std_is_the_spread_within_each_class():
+    h = torch.tensor([[0.0, 0.0], [2.0, 4.0], [5.0, 5.0], [1.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 2, 2])
+    got = class_feature_std(h, labels, num_classes=4).squeeze(1)
+    # class 0: per-feature unbiased std sqrt(2) and sqrt(8); class 1 alone and class 2 identical: spread 0
+    expected = torch.tensor([(2 ** 0.5 + 8 ** 0.5) / 2] * 2 + [0.0, 0.0, 0.0])
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_discriminator_with_class_std_tells_a_collapsed_batch_from_a_varied_one():
+    torch.manual_seed(0)
+    d = CGANDiscriminator(base_channels=8, norm="spectral", conditioning="projection", class_std=True).eval()
+    labels = torch.tensor([3] * 8)
+    varied = torch.rand(8, 1, 28, 28) * 2 - 1
+    collapsed = varied[:1].expand(8, -1, -1, -1)
+    torch.nn.init.constant_(d.head.weight_orig[:, -1:], 5.0)  # weight on the spread input only
+    torch.nn.init.zeros_(d.head.weight_orig[:, :-1])
+    assert (d(varied, labels) > d(collapsed, labels)).all()  # same first image, different batch companions
+    assert d.head.in_features == CGANDiscriminator(base_channels=8).head.in_features + 1
 
 
 @pytest.mark.parametrize("noise", ["normal", "uniform"])
@@ -193,7 +215,7 @@ def test_existing_run_dir_is_not_overwritten_without_asking(finished_run, capsys
 def test_wgan_gp_with_critic_steps_runs(tmp_path):
     out = tmp_path / "wgan"
     overrides = TINY + ["loss.name=wgan_gp", "loss.critic_steps=2", "train.epochs=1", "model.arch=notes_e",
-                        "model.d_norm=spectral", "model.d_conditioning=projection"]
+                        "model.d_norm=spectral", "model.d_conditioning=projection", "model.d_class_std=true"]
     assert run_script("train_cgan", CGANConfig, out, overrides) == 0
     records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert records[0]["lr_d"] == 1e-4  # the seeds' WGAN-GP learning rate

@@ -270,6 +270,16 @@ def test_other_invalid_choices(cls, override, choices):
         assert choice in msg
 
 
+def test_bare_no_means_no_mixed_precision(tmp_path):
+    # YAML 1.1 reads `no` as false; the option's own spelling must still work, in a file and on the command line.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(DDPMConfig, path).train.mixed_precision == "no"
+    assert load_config(DDPMConfig, overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="valid choices"):
+        load_config(DDPMConfig, overrides=["train.mixed_precision=yes"])
+
+
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError) as err:
         load_config(CGANConfig, overrides=["train.epochs"])
@@ -370,6 +380,8 @@ def test_data_config_validate_directly():
         (CGANConfig, "log.every_steps=0", "log.every_steps"),
         (DDPMConfig, "diffusion.label_dropout=1.0", "diffusion.label_dropout"),
         (DDPMConfig, "diffusion.snr_gamma=0", "diffusion.snr_gamma"),
+        (DDPMConfig, "diffusion.sample_guidance_interval=[0.6,0.2]", "diffusion.sample_guidance_interval"),
+        (DDPMConfig, "diffusion.sample_guidance_interval=[0,0.5,1]", "diffusion.sample_guidance_interval"),
         (DDPMConfig, "model.dropout=1.0", "model.dropout"),
         (DDPMConfig, "optim.lr=0", "optim.lr"),
     ],

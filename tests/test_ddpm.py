@@ -91,6 +91,43 @@ def test_guided_batch_equals_separate_conditional_and_unconditional_calls():
     torch.testing.assert_close(got, (x / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-4)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(tmp_path):
+    pipe = tiny_pipeline()
+    w, lo, hi = 3.0, 0.0, 0.6
+
+    def run(**kwargs):
+        return pipe([2, 8], num_inference_steps=4, guidance_scale=w, generator=torch.Generator().manual_seed(3),
+                    output_type="pt", **kwargs).images
+
+    got = run(guidance_interval=(lo, hi))
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(4)
+    x = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(3))
+    guided_steps = 0
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = pipe.unet(x, t, class_labels=torch.tensor([2, 8])).sample
+            if lo <= t.item() / 50 <= hi:
+                guided_steps += 1
+                uncond = pipe.unet(x, t, class_labels=torch.tensor([10, 10])).sample
+                out = uncond + w * (out - uncond)
+            x = sched.step(out, t, x, use_clipped_model_output=True).prev_sample
+    assert 0 < guided_steps < 4
+    torch.testing.assert_close(got, (x / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run(guidance_interval=(0, 1)), run())  # the whole range: plain guidance
+    assert not torch.allclose(got, run())
+    for bad in [(0.6, 0.2), (0, 1.5), (0.1,)]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            run(guidance_interval=bad)
+    # The export's default interval survives a save/load round trip and is what a plain call uses.
+    pipe.register_to_config(default_guidance_interval=[lo, hi])
+    pipe.save_pretrained(tmp_path)
+    loaded = ClassConditionalDiffusionPipeline.from_pretrained(tmp_path)
+    assert loaded.config.default_guidance_interval == [lo, hi]
+    torch.testing.assert_close(loaded([2, 8], num_inference_steps=4, guidance_scale=w, output_type="pt",
+                                      generator=torch.Generator().manual_seed(3)).images, got)
+
+
 @pytest.mark.parametrize("scheduler_cls,steps", [(DDPMScheduler, 50), (DDIMScheduler, 10),
                                                  (DPMSolverMultistepScheduler, 10)])
 def test_schedulers_swap_by_from_config(scheduler_cls, steps):

@@ -139,7 +139,8 @@ def run_eval(args: list[str]) -> int:
 @pytest.mark.parametrize("kind", ["cgan", "ddpm"])
 def test_eval_runs_on_both_pipeline_kinds(kind, pipelines_dir, classifier_dir, tmp_path):
     out = tmp_path / "eval"
-    extra = ["--steps", "2", "--guidance", "2.0", "--scheduler", "ddim"] if kind == "ddpm" else []
+    extra = ["--steps", "2", "--guidance", "2.0", "--scheduler", "ddim", "--guidance-interval", "0", "0.5"] \
+        if kind == "ddpm" else []
     code = run_eval([str(pipelines_dir / kind), "--data", "synthetic", "--classifier", str(classifier_dir),
                      "--num-per-class", "4", "--batch-size", "16", "--out", str(out), *extra])
     assert code == 0
@@ -150,6 +151,9 @@ def test_eval_runs_on_both_pipeline_kinds(kind, pipelines_dir, classifier_dir, t
     assert result["real_floor"]["fid"] < result["fid"]  # untrained models are far from real data
     assert set(result["per_class"]) == {f"class_{i}" for i in range(10)}
     assert result["lpips"] is None and "LPIPS not available" in result["lpips_note"]
+    if kind == "ddpm":
+        assert result["sampler"] == {"num_inference_steps": 2, "guidance_scale": 2.0, "guidance_interval": [0.0, 0.5],
+                                     "scheduler": "DDIMScheduler"}
 
 
 def test_eval_rejects_bad_input(pipelines_dir, classifier_dir, tmp_path, capsys):
@@ -158,6 +162,8 @@ def test_eval_rejects_bad_input(pipelines_dir, classifier_dir, tmp_path, capsys)
     assert run_eval([str(pipelines_dir / "cgan"), "--data", "synthetic", "--scheduler", "ddim",
                      "--classifier", str(classifier_dir)]) == 2
     assert "diffusion pipelines only" in capsys.readouterr().err
+    assert run_eval([str(pipelines_dir / "ddpm"), "--data", "synthetic", "--guidance-interval", "0.7", "0.2"]) == 2
+    assert "guidance_interval=[0.7, 0.2]" in capsys.readouterr().err
     assert run_eval([str(pipelines_dir / "cgan"), "--data", "synthetic", "--classifier",
                      str(tmp_path / "none")]) == 2
     assert "train-classifier" in capsys.readouterr().err
@@ -246,6 +252,9 @@ def test_generate_command_writes_a_grid_and_a_folder(pipelines_dir, tmp_path, ca
     assert generate_main([str(pipelines_dir / "cgan"), "--class", "Sneakers", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "unknown class 'Sneakers'" in err and "0=class_0" in err
+    assert generate_main([str(pipelines_dir / "ddpm"), "--class", "1", "--guidance-interval", "0", "2",
+                          "--out", str(tmp_path / "x.png")]) == 2
+    assert "guidance_interval" in capsys.readouterr().err
 
 
 def test_baselines_put_real_images_far_below_noise(classifier_dir, tmp_path):
@@ -273,10 +282,12 @@ def test_set_default_picks_the_fastest_sampler_within_tolerance(pipelines_dir, c
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({
             "num_samples": 100, "fid": fid_value, "seconds_per_image": seconds,
-            "sampler": {"scheduler": sched, "num_inference_steps": steps, "guidance_scale": 2.0}}))
+            "sampler": {"scheduler": sched, "num_inference_steps": steps, "guidance_scale": 2.0,
+                        "guidance_interval": [0.0, 0.6] if steps == 10 else None}}))
     assert run_eval(["set-default", str(run)]) == 0
     pipe = ClassConditionalDiffusionPipeline.from_pretrained(run / "pipeline")
     # DPM-Solver++ is faster but 20% worse; DDIM-10 is within 10% of the best (DDIM-50) and 5x faster.
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert (pipe.config.default_steps, pipe.config.default_guidance) == (10, 2.0)
+    assert pipe.config.default_guidance_interval == [0.0, 0.6]
     assert (run / "pipeline" / "pipeline.py").read_text().startswith("# the exported source")

@@ -75,6 +75,19 @@ class CGANGenerator(ModelMixin, ConfigMixin):
         return self.net(h.view(-1, *self.start))
 
 
+def class_feature_std(h: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, 1): for each sample, the mean over features of the std of its class's features in the batch.
+
+    Unbiased per-class variance, all classes at once with one-hot matrix products (no Python loop);
+    a class with one sample in the batch has spread 0.
+    """
+    onehot = nn.functional.one_hot(labels, num_classes).to(h.dtype)  # (B, K)
+    counts = onehot.sum(0).unsqueeze(1)  # (K, 1)
+    mean = onehot.t() @ h / counts.clamp(min=1)
+    var = onehot.t() @ (h - mean[labels]).square() / (counts - 1).clamp(min=1)
+    return (var + 1e-8).sqrt().mean(dim=1)[labels].unsqueeze(1)
+
+
 class CGANDiscriminator(nn.Module):
     """D(x, y) -> one logit per image.
 
@@ -82,11 +95,14 @@ class CGANDiscriminator(nn.Module):
     (report A: Embedding -> Linear -> HxW map; notes E: Embedding(K, 1) broadcast over HxW).
     `conditioning="projection"` (Miyato & Koyama, 2018) adds <embed(y), features> to the logit.
     `norm="spectral"` replaces BatchNorm by spectral normalisation of every layer.
+    `class_std=True` gives the head one more input: the spread of the batch's features within each
+    sample's class (ProGAN's minibatch standard deviation, taken per class). A generator that draws
+    every sample of a class alike shows a smaller spread than real batches do, so D can punish it.
     """
 
     def __init__(self, arch: str = "report_a", num_classes: int = 10, label_emb_dim: int = 50,
                  base_channels: int = 64, bn_momentum: float = 0.1, bn_eps: float = 1e-5, image_size: int = 28,
-                 channels: int = 1, norm: str = "batch", conditioning: str = "label_map"):
+                 channels: int = 1, norm: str = "batch", conditioning: str = "label_map", class_std: bool = False):
         super().__init__()
         s = _check(arch, image_size)
         if norm not in ("batch", "spectral"):
@@ -95,6 +111,7 @@ class CGANDiscriminator(nn.Module):
             raise ValueError(f"conditioning={conditioning!r}: valid choices are label_map, projection")
         sn = spectral_norm if norm == "spectral" else (lambda m: m)
         self.arch, self.conditioning, self.image_size = arch, conditioning, image_size
+        self.num_classes, self.class_std = num_classes, class_std
         in_channels = channels
         if conditioning == "label_map":
             in_channels += 1
@@ -110,7 +127,7 @@ class CGANDiscriminator(nn.Module):
             nn.BatchNorm2d(wide, momentum=bn_momentum, eps=bn_eps) if norm == "batch" else nn.Identity(),
             nn.LeakyReLU(0.2), nn.Flatten(),
         )
-        self.head = sn(nn.Linear(wide * s * s, 1))
+        self.head = sn(nn.Linear(wide * s * s + int(class_std), 1))
         if conditioning == "projection":
             self.projection = sn(nn.Embedding(num_classes, wide * s * s))
 
@@ -120,7 +137,8 @@ class CGANDiscriminator(nn.Module):
             label_map = self.label_map(labels).view(-1, 1, *(1, 1) if self.arch == "notes_e" else (size, size))
             x = torch.cat([x, label_map.expand(-1, 1, size, size).to(x.dtype)], dim=1)
         h = self.features(x)
-        logits = self.head(h).squeeze(1)
+        head_input = torch.cat([h, class_feature_std(h, labels, self.num_classes)], dim=1) if self.class_std else h
+        logits = self.head(head_input).squeeze(1)
         if self.conditioning == "projection":
             logits = logits + (self.projection(labels) * h).sum(dim=1)
         return logits
