@@ -153,11 +153,13 @@ def set_default_main(argv: list[str]) -> int:
                                             "the exported diffusion pipeline's default.")
     p.add_argument("run", help="a diffusion run directory with eval/*/metrics.json from several samplers")
     p.add_argument("--tolerance", type=float, default=0.1, help="allowed relative FID above the best (0.1 = 10%%)")
+    p.add_argument("--num-samples", type=int,
+                   help="compare the evaluations of this many samples (default: the most common count)")
     args = p.parse_args(argv)
 
     from pipelines.evaluation import choose_default_sampler
 
-    result = choose_default_sampler(Path(args.run), args.tolerance)
+    result = choose_default_sampler(Path(args.run), args.tolerance, args.num_samples)
     print(f"default sampler: {result['chosen']} (FID {result['fid']:.4g}, best {result['best_fid']:.4g}, "
           f"{result['seconds_per_image']:.4g} s/image, N={result['num_samples']})")
     return 0

@@ -287,10 +287,10 @@ def reference_baselines(data_cfg: DataConfig, num_per_class: int, classifier: Op
     return result
 
 
-def choose_default_sampler(run: Path, tolerance: float = 0.1) -> dict:
+def choose_default_sampler(run: Path, tolerance: float = 0.1, num_samples: Optional[int] = None) -> dict:
     """Make the fastest evaluated sampler whose FID is within `tolerance` of the best the export's default.
 
-    Reads the run's `eval/*/metrics.json` of diffusion samplers at the most common sample count,
+    Reads the run's `eval/*/metrics.json` of diffusion samplers at `num_samples` (default: the most common count),
     then rewrites `pipeline/` (atomically) with that scheduler, step count, guidance scale and interval.
     """
     import diffusers
@@ -303,7 +303,10 @@ def choose_default_sampler(run: Path, tolerance: float = 0.1) -> dict:
         raise FileNotFoundError(f"{run}/eval has no diffusion sampler evaluations; run eval.py with --scheduler, "
                                 "--steps and --guidance first")
     counts = [r["num_samples"] for r in results]
-    n = max(set(counts), key=counts.count)
+    if num_samples is not None and num_samples not in counts:
+        raise ValueError(f"no sampler evaluation of {num_samples} samples in {run}/eval; evaluated: "
+                         f"{', '.join(map(str, sorted(set(counts))))}")
+    n = num_samples or max(set(counts), key=counts.count)
     results = [r for r in results if r["num_samples"] == n]
     best = min(r["fid"] for r in results)
     within = [r for r in results if r["fid"] <= (1 + tolerance) * best]

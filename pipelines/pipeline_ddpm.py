@@ -133,7 +133,9 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         sample = sample * self.scheduler.init_noise_sigma
         guided_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        # Which steps to guide, decided once on the host (no device sync inside the loop).
         num_train_timesteps = self.scheduler.config.num_train_timesteps
+        guide_at = [guided and lo <= t / num_train_timesteps <= hi for t in self.scheduler.timesteps.tolist()]
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         # DDIM clips its predicted x0 (clip_sample) but by default keeps the unclipped epsilon for the
         # direction to x_t; under strong guidance the two disagree and the error compounds over steps.
@@ -141,7 +143,7 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         wanted = (("eta", eta), ("generator", generator), ("use_clipped_model_output", True))
         step_kwargs = {k: v for k, v in wanted if k in step_params}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            guide = guided and lo <= float(t) / num_train_timesteps <= hi
+            guide = guide_at[i]
             model_input = torch.cat([sample, sample]) if guide else sample
             model_input = self.scheduler.scale_model_input(model_input, t)
             output = self.unet(model_input, t, class_labels=guided_labels if guide else labels).sample
