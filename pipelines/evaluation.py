@@ -91,6 +91,15 @@ def sample_call_kwargs(pipe, steps: Optional[int], guidance: Optional[float],
     return kwargs
 
 
+def sampler_used(pipe, call_kwargs: dict) -> dict:
+    """The diffusion sampler a call ran: its arguments, the export's defaults for the rest, the scheduler."""
+    if not is_diffusion(pipe):
+        return {}
+    defaults = {"num_inference_steps": pipe.config.default_steps, "guidance_scale": pipe.config.default_guidance,
+                "guidance_interval": pipe.config.get("default_guidance_interval")}
+    return defaults | call_kwargs | {"scheduler": type(pipe.scheduler).__name__}
+
+
 @torch.no_grad()
 def generate(pipe, labels: torch.Tensor, batch_size: int, seed: int, accelerator=None, **call_kwargs) -> torch.Tensor:
     """uint8 (N, C, H, W) images for `labels`, batched, split across processes, gathered in order.
@@ -169,7 +178,8 @@ def score(images: torch.Tensor, labels: torch.Tensor, real: ImageTensors, extrac
 def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, features: str = "classifier",
              classifier: Optional[str] = None, data_cfg: Optional[DataConfig] = None, ref_split: str = "test",
              scheduler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
-             guidance_interval: Optional[list[float]] = None, seed: int = 0, batch_size: int = 250, accelerator=None, save_pngs: bool = True) -> dict:
+             guidance_interval: Optional[list[float]] = None, seed: int = 0, batch_size: int = 250, accelerator=None,
+             save_pngs: bool = True) -> dict:
     """Generate `num_per_class` images per class, score them, write `metrics.json` and the samples to `out_dir`."""
     pipeline_path = Path(pipeline_path)
     data_cfg = data_cfg or run_data_config(pipeline_path)
@@ -192,8 +202,7 @@ def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, fe
     result = score(images, labels, real, extractor,
                    floor=balanced_subset(train_split, num_per_class) if train_split is not None else None)
     result.update(extractor_info, pipeline=str(pipeline_path), dataset=data_cfg.name, reference_split=ref_split,
-                  num_per_class=num_per_class, seed=seed, sampler=call_kwargs | (
-                      {"scheduler": type(pipe.scheduler).__name__} if is_diffusion(pipe) else {}),
+                  num_per_class=num_per_class, seed=seed, sampler=sampler_used(pipe, call_kwargs),
                   seconds_per_image=seconds / len(images), num_processes=accelerator.num_processes if accelerator else 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     if save_pngs:

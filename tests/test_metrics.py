@@ -156,6 +156,17 @@ def test_eval_runs_on_both_pipeline_kinds(kind, pipelines_dir, classifier_dir, t
                                      "scheduler": "DDIMScheduler"}
 
 
+def test_metrics_record_the_export_defaults_a_call_did_not_override(pipelines_dir):
+    from pipelines.evaluation import load_pipeline, sampler_used
+
+    pipe = load_pipeline(pipelines_dir / "ddpm", "dpmsolver")
+    pipe.register_to_config(default_steps=7, default_guidance=1.5, default_guidance_interval=[0.0, 0.4])
+    assert sampler_used(pipe, {"guidance_scale": 3.0}) == {
+        "num_inference_steps": 7, "guidance_scale": 3.0, "guidance_interval": [0.0, 0.4],
+        "scheduler": "DPMSolverMultistepScheduler"}
+    assert sampler_used(load_pipeline(pipelines_dir / "cgan"), {}) == {}
+
+
 def test_eval_rejects_bad_input(pipelines_dir, classifier_dir, tmp_path, capsys):
     assert run_eval([str(tmp_path), "--data", "synthetic"]) == 2
     assert "not an exported pipeline" in capsys.readouterr().err
