@@ -7,7 +7,7 @@
     accelerate launch --num_processes 2 eval.py runs/x                     # generation split across processes
     python eval.py train-classifier --data fashion_mnist                   # the offline metrics' classifier
     python eval.py compare runs/a runs/b --out reports/a_vs_b              # Markdown table + side-by-side grids
-    python eval.py baselines --data fashion_mnist --num-per-class 200      # real-data floor and uniform noise
+    python eval.py baselines --data fashion_mnist --num-per-class 200      # real-data floor, blurred real, noise
     python eval.py set-default runs/x                                      # fastest sampler within 10% of best FID
 
 Results go to `<run or pipeline>/eval/<name>/metrics.json` beside the samples (or --out).
@@ -123,7 +123,8 @@ def train_classifier_main(argv: list[str]) -> int:
 
 def baselines_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="eval.py baselines",
-                                description="Reference points: real train images (the floor) and uniform noise, "
+                                description="Reference points: real train images (the floor), the same blurred (sigma 1) "
+                                            "and uniform noise, "
                                             "scored like generated samples against the test split.")
     p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"], default="fashion_mnist")
     p.add_argument("--data-path")

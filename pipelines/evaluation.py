@@ -280,9 +280,15 @@ class TrainingEvaluator:
         return result
 
 
+BASELINE_BLUR_SIGMA = 1.0
+
+
 def reference_baselines(data_cfg: DataConfig, num_per_class: int, classifier: Optional[str],
                         device: torch.device) -> dict:
-    """The scale of the metrics: real train images (the floor) and uniform noise, against the test split."""
+    """The scale of the metrics, against the test split: real train images (the floor), the same images
+    Gaussian-blurred (sigma 1: what the metrics make of samples that are right but soft) and uniform noise."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
     extractor, info = make_extractor("classifier", classifier, data_cfg, device)
     test = load_tensors(replace(data_cfg, split="test", limit=None))
     real_feats, _ = extract(test.images, extractor)
@@ -290,7 +296,8 @@ def reference_baselines(data_cfg: DataConfig, num_per_class: int, classifier: Op
     gen = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, train.images.shape, generator=gen, dtype=torch.uint8)
     result = {}
-    for name, images in (("real_train", train.images), ("uniform_noise", noise)):
+    blurred = gaussian_blur(train.images.float(), kernel_size=5, sigma=BASELINE_BLUR_SIGMA).round().to(torch.uint8)
+    for name, images in (("real_train", train.images), ("real_train_blurred", blurred), ("uniform_noise", noise)):
         result[name] = score(images, train.labels, test, extractor, with_lpips=False, real_feats=real_feats)
         result[name].update(info, num_per_class=num_per_class)
     return result

@@ -277,6 +277,9 @@ def test_baselines_put_real_images_far_below_noise(classifier_dir, tmp_path):
     assert real["fid"] < 0.1 * noise["fid"]
     assert real["accuracy"] > 0.9 and noise["accuracy"] < 0.5
     assert real["diversity_ratio"] > 0.8  # averaged over classes (one class of the tiny synthetic set can dip)
+    # Softness alone lowers the diversity ratio: a flag can mean blur as well as collapse.
+    blurred = result["real_train_blurred"]
+    assert blurred["diversity_ratio"] < 0.9 * real["diversity_ratio"] and blurred["fid"] > real["fid"]
 
 
 def test_set_default_picks_the_fastest_sampler_within_tolerance(pipelines_dir, classifier_dir, tmp_path):
