@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces QUALITY.md on a CPU machine (about 3 hours on 2 cores): trains the CPU DDPM recipe, report
+# Reproduces QUALITY.md on a CPU machine (about 4 hours on 2 cores): trains the CPU DDPM recipe, report
 # A's cGAN and the stabilised cGAN (the two cGANs for the same number of epochs), then evaluates them
 # the same way (offline classifier features, N images per class) and the DDPM's samplers.
 # Re-running continues: finished trainings are skipped, interrupted ones resume from their checkpoint.
@@ -51,6 +51,25 @@ done
   --guidance-interval 0 1 \
   --out "$OUT/ddpm_cpu/slow/ddpm-1000-w2"
 "$PY" eval.py baselines --data fashion_mnist --num-per-class "$SLOW_N" --out "$OUT/baselines_n$SLOW_N.json"
+# Training longer: two more epochs, each resuming the previous run's last checkpoint with train.epochs one
+# higher, so the cosine schedule restarts at its value for that point (about 1e-4) and decays to 0 again.
+continue_ddpm() {  # continue_ddpm FROM TO EPOCHS
+  local from="$OUT/$1" to="$OUT/$2"
+  [ -e "$to/pipeline/model_index.json" ] && return
+  if [ ! -d "$to/checkpoints" ]; then
+    mkdir -p "$to/checkpoints.tmp"
+    cp -r "$(ls -d "$from"/checkpoints/step_* | tail -n 1)" "$from/config.yaml" "$to/checkpoints.tmp/"
+    mv "$to/checkpoints.tmp/config.yaml" "$to/" && mv "$to/checkpoints.tmp" "$to/checkpoints"
+  fi
+  "$PY" train_ddpm.py --config configs/ddpm/fmnist_cpu.yaml output_dir="$to" train.epochs="$3" eval.every_epochs=null \
+    --resume latest
+}
+continue_ddpm ddpm_cpu ddpm_cpu5 5
+continue_ddpm ddpm_cpu5 ddpm_cpu6 6
+for run in ddpm_cpu5 ddpm_cpu6; do
+  "$PY" eval.py "$OUT/$run" --num-per-class "$N" --no-pngs --scheduler dpmsolver --steps 20 --guidance 2.5 \
+    --guidance-interval 0 0.45 --out "$OUT/$run/eval/n$N-dpmsolver-20-w2.5-gi0-0.45"
+done
 # The DDPM with its chosen default sampler, at the cGANs' N, then the comparison table and grids.
 "$PY" eval.py "$OUT/ddpm_cpu" --num-per-class "$N" --no-pngs --out "$OUT/ddpm_cpu/eval/final"
 "$PY" eval.py compare "$OUT/cgan_report_a" "$OUT/cgan_best" "$OUT/ddpm_cpu" --metrics final --out "$OUT/compare"
