@@ -139,12 +139,14 @@ def main() -> None:
     add_trainer_args(p)
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                    help="config overrides for both, e.g. train.compile=true train.channels_last=true")
+    p.add_argument("--ddpm-set", nargs="*", default=[], metavar="section.key=value",
+                   help="overrides for the diffusion model alone, e.g. train.mixed_precision=bf16")
     p.add_argument("--json")
     args = p.parse_args()
     rows = [bench_cgan(args.cgan, args.steps, args.warmup, args.set),
-            bench_ddpm(args.ddpm, args.steps, args.warmup, args.set)]
+            bench_ddpm(args.ddpm, args.steps, args.warmup, args.set + args.ddpm_set)]
     device = device_name()
-    print(machine_line(f"{' '.join(args.set)}"))
+    print(machine_line(" ".join(args.set + [f"(ddpm: {' '.join(args.ddpm_set)})"] * bool(args.ddpm_set))))
     print(f"{'trainer':8} {'config':32} {'batch':>5} {'ours s/step':>12} {'bare s/step':>12} {'ours img/s':>11} "
           f"{'bare img/s':>11} {'ours/bare':>9}")
     for r in rows:

@@ -109,7 +109,23 @@ def fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
         raise MetricsError("FID needs at least 2 images on each side")
     mu_a, sigma_a = feats_a.mean(0), np.cov(feats_a, rowvar=False)
     mu_b, sigma_b = feats_b.mean(0), np.cov(feats_b, rowvar=False)
-    return float(frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
+    try:
+        return float(frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
+    except TypeError:  # clean-fid <= 0.1.35 passes `disp` to scipy's sqrtm, which scipy >= 1.18 no longer takes
+        return _frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+
+
+def _frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """clean-fid's formula (with its regularisation of a singular product), on today's scipy."""
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def kid(feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0) -> float:

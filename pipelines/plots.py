@@ -15,9 +15,9 @@ import torch  # noqa: E402
 def plot_schedule(noise_scheduler, path: Path) -> Path:
     """beta_t and alpha-bar_t over t (report C's schedule plot)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].plot(noise_scheduler.betas.numpy())
+    axes[0].plot(noise_scheduler.betas.cpu().numpy())
     axes[0].set(title="beta_t", xlabel="t")
-    axes[1].plot(noise_scheduler.alphas_cumprod.numpy())
+    axes[1].plot(noise_scheduler.alphas_cumprod.cpu().numpy())
     axes[1].set(title="alpha-bar_t", xlabel="t")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

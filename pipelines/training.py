@@ -304,14 +304,12 @@ def save_grid(accelerator: Accelerator, images: torch.Tensor, nrow: int, path: P
 def log_image(accelerator: Accelerator, key: str, path: Path, step: int, caption: str = "") -> None:
     if not accelerator.is_main_process:
         return
-    try:
-        tracker = accelerator.get_tracker("wandb", unwrap=True)
-    except (ValueError, KeyError):
+    # With W&B off the PNG on disk is the record, and wandb need not even be installed.
+    if not any(tracker.name == "wandb" for tracker in accelerator.trackers):
         return
-    if tracker is not None and hasattr(tracker, "log"):
-        import wandb
+    import wandb
 
-        tracker.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+    accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
 
 def progress(accelerator: Accelerator, total: int, initial: int, desc: str):

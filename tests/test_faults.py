@@ -235,3 +235,11 @@ def test_multi_gpu_bf16_launcher_file_runs_two_processes_here(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: 8 steps") == 1
     assert (out / "pipeline" / "model_index.json").exists()
+
+
+def test_a_run_with_wandb_disabled_needs_no_wandb_installed(tmp_path, monkeypatch):
+    # GPU and cluster images often lack wandb; log.wandb=disabled must not import it.
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    out = tmp_path / "run"
+    assert run_script("train_cgan", CGANConfig, out, TINY + ["train.epochs=1"]) == 0
+    assert (out / "grids" / "final.png").exists() and (out / "pipeline" / "model_index.json").exists()

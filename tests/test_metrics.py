@@ -314,3 +314,23 @@ def test_set_default_picks_the_fastest_sampler_within_tolerance(pipelines_dir, c
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and pipe.config.default_steps == 20
     assert pipe.config.default_guidance_interval is None
 
+
+
+def test_fid_works_with_a_scipy_whose_sqrtm_takes_no_disp(monkeypatch):
+    # scipy >= 1.18 dropped sqrtm's `disp`, which clean-fid 0.1.35 still passes (seen on the GPU machine).
+    import scipy.linalg
+
+    from pipelines.metrics import fid
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 8)), rng.normal(0.5, 1.5, size=(200, 8))
+    expected = fid(a, b)
+    plain_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm(matrix, **kwargs):
+        if kwargs:
+            raise TypeError(f"sqrtm() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        return plain_sqrtm(matrix)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm)
+    assert expected > 1 and fid(a, b) == pytest.approx(expected, rel=1e-9)
