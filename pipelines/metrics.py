@@ -111,7 +111,9 @@ def fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     mu_b, sigma_b = feats_b.mean(0), np.cov(feats_b, rowvar=False)
     try:
         return float(frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
-    except TypeError:  # clean-fid <= 0.1.35 passes `disp` to scipy's sqrtm, which scipy >= 1.18 no longer takes
+    except TypeError as err:  # clean-fid 0.1.35 passes `disp` to scipy's sqrtm, which newer scipy rejects
+        if "disp" not in str(err):
+            raise
         return _frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
 
 

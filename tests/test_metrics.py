@@ -315,9 +315,8 @@ def test_set_default_picks_the_fastest_sampler_within_tolerance(pipelines_dir, c
     assert pipe.config.default_guidance_interval is None
 
 
-
 def test_fid_works_with_a_scipy_whose_sqrtm_takes_no_disp(monkeypatch):
-    # scipy >= 1.18 dropped sqrtm's `disp`, which clean-fid 0.1.35 still passes (seen on the GPU machine).
+    # The GPU machine's newer scipy rejects sqrtm's `disp`, which clean-fid 0.1.35 still passes.
     import scipy.linalg
 
     from pipelines.metrics import fid
