@@ -25,7 +25,7 @@ from pipelines.pipeline_cgan import CGANPipeline
 from pipelines.training import (
     NonFiniteGuard, Upkeep, apply_speed_options, class_grid_labels, ema_state, inference_mode, load_checkpoint,
     load_ema_state, make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid, save_pipeline,
-    steps_from, training_batches,
+    start_run, steps_from, training_batches,
 )
 
 GRID_PER_CLASS = 10  # report A's 10x10 grid
@@ -88,6 +88,7 @@ def train(cfg: CGANConfig, args: argparse.Namespace) -> Path:
         evaluator = TrainingEvaluator(accelerator, cfg, out, pipeline, lambda: inference_mode(unwrapped, ema))
     upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps, lambda: ema_state(ema) if ema else None,
                     draw_grid, evaluator, export)
+    start_run(accelerator, cfg, out)  # set-up passed: only now does the run write config.yaml and open W&B
     bar = progress(accelerator, total_steps, step, "cgan")
     for _, [(real, labels)] in steps_from(loader, step, total_steps):
         metrics = step_fn(step, real, labels, measure_grads=(step + 1) % cfg.log.every_steps == 0)

@@ -20,16 +20,16 @@ from diffusers import DDIMScheduler
 
 import pipelines.pipeline_ddpm as pipeline_module
 from pipelines.cli import run_cli
-from pipelines.config import DDPMConfig
+from pipelines.config import ConfigError, DDPMConfig
 from pipelines.evaluation import TrainingEvaluator
 from pipelines.diffusion import DiffusionStep, build_lr_schedule, build_noise_scheduler
 from pipelines.models.unet import build_unet
 from pipelines.pipeline_ddpm import ClassConditionalDiffusionPipeline
 from pipelines.plots import denoising_strip, plot_losses, plot_schedule
 from pipelines.training import (
-    NonFiniteGuard, Upkeep, apply_speed_options, class_grid_labels, ema_state, inference_mode, load_checkpoint,
-    load_ema_state, log_image, make_accelerator, make_ema, prepare_run_dir, progress, resolve_resume, save_grid,
-    save_pipeline, steps_from, training_batches,
+    NonFiniteGuard, Upkeep, apply_speed_options, class_grid_labels, ema_state, generator_state, inference_mode,
+    load_checkpoint, load_ema_state, load_generator_state, log_image, make_accelerator, make_ema, prepare_run_dir,
+    progress, resolve_resume, save_grid, save_pipeline, start_run, steps_from, training_batches,
 )
 
 GRID_PER_CLASS = 8
@@ -50,6 +50,10 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    if cfg.log.showcase_class >= data.num_classes:
+        raise ConfigError(f"log.showcase_class={cfg.log.showcase_class}: the data has {data.num_classes} classes "
+                          f"(valid: 0..{data.num_classes - 1})")
+
     # Model, noise schedule, optimizer, LR schedule, EMA.
     guidance = cfg.diffusion.label_dropout > 0
     unet = build_unet(cfg.model, data.num_classes, channels, size, null_class=guidance)
@@ -63,8 +67,10 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
     unwrapped = accelerator.unwrap_model(unet)
     ema = make_ema(unwrapped, cfg.train.ema_decay, device)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    # One generator for the training noise, seeded alike on every process (see DiffusionStep).
+    noise_rng = torch.Generator(device).manual_seed(cfg.seed)
     step_fn = DiffusionStep(accelerator, unet, optimizer, lr_schedule, noise_scheduler, cfg.diffusion,
-                            data.num_classes, cfg.optim.max_grad_norm, guard, ema)
+                            data.num_classes, cfg.optim.max_grad_norm, guard, noise_rng, ema)
 
     # Resume: one integer (the step) plus the saved state.
     step = 0
@@ -73,6 +79,7 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
         step, extra = load_checkpoint(accelerator, checkpoint)
         if ema is not None:
             load_ema_state(ema, extra)
+        load_generator_state(noise_rng, extra, checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
     # The one sampling path: the exported pipeline (DDIM by default) draws every grid.
@@ -107,8 +114,10 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
     if cfg.eval.every_epochs and accelerator.is_main_process:
         evaluator = TrainingEvaluator(accelerator, cfg, out, pipeline, lambda: inference_mode(unwrapped, ema),
                                       sample_kwargs, extra_files=extra_files)
-    upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps, lambda: ema_state(ema) if ema else None,
-                    draw_grid, evaluator, export)
+    upkeep = Upkeep(accelerator, cfg, out, steps_per_epoch, total_steps,
+                    lambda: {**(ema_state(ema) if ema else {}), **generator_state(noise_rng)}, draw_grid, evaluator,
+                    export)
+    start_run(accelerator, cfg, out)  # set-up passed: only now does the run write config.yaml and open W&B
     bar = progress(accelerator, total_steps, step, "ddpm")
     for _, micro_batches in steps_from(loader, step, total_steps, accumulation):
         for x0, labels in micro_batches:
@@ -132,7 +141,7 @@ def train(cfg: DDPMConfig, args: argparse.Namespace) -> Path:
         draw_grid("final", step)
         save_grid(accelerator, sample(torch.arange(data.num_classes), cfg.seed + 1), data.num_classes,
                   out / "one_per_class.png", "one_per_class", step)
-        showcase = min(cfg.log.showcase_class, data.num_classes - 1)
+        showcase = cfg.log.showcase_class
         save_grid(accelerator, sample(torch.full((64,), showcase), cfg.seed + 2), 8,
                   out / f"class_{showcase}_samples.png", "one_class", step, data.class_names[showcase])
         with inference_mode(unwrapped, ema):

@@ -8,6 +8,7 @@ any work starts, so a typo fails in a second instead of an hour into a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -60,12 +61,13 @@ class DataConfig:
 
     def validate(self) -> None:
         if self.classes is not None:
-            if not self.classes or len(set(self.classes)) != len(self.classes):
-                raise ConfigError(f"data.classes={self.classes}: must be a non-empty list of distinct class ids")
+            if not self.classes or len(set(self.classes)) != len(self.classes) or min(self.classes) < 0:
+                raise ConfigError(f"data.classes={self.classes}: must be a non-empty list of distinct class ids >= 0")
         if self.pad_to is not None and self.pad_to < 1:
             raise ConfigError(f"data.pad_to={self.pad_to}: must be a positive image size")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit={self.limit}: must be positive")
+        _positive(self, "synthetic_size", "data")
         if self.synthetic_channels not in (1, 3):
             raise ConfigError(f"data.synthetic_channels={self.synthetic_channels}: valid choices are 1, 3")
         if self.synthetic_image_size < 8:
@@ -85,6 +87,7 @@ class LogConfig:
     def validate(self) -> None:
         _positive(self, "every_steps", "log")
         _positive(self, "grid_every_epochs", "log")
+        _at_least(self, "showcase_class", "log", 0)  # the upper bound is checked against the data's classes
 
 
 @dataclass
@@ -123,8 +126,12 @@ class EvalConfig:
             raise ConfigError(f"eval.every_epochs={self.every_epochs}: must be positive or null")
         if any(e < 1 for e in self.snapshot_epochs) or len(set(self.snapshot_epochs)) != len(self.snapshot_epochs):
             raise ConfigError(f"eval.snapshot_epochs={self.snapshot_epochs}: must be distinct positive epochs")
-        if self.num_per_class < 2:
-            raise ConfigError(f"eval.num_per_class={self.num_per_class}: must be at least 2")
+        _at_least(self, "num_per_class", "eval", 2)
+        if self.steps is not None:
+            _positive(self, "steps", "eval")
+        if self.guidance is not None:
+            _at_least(self, "guidance", "eval", 0)
+        _at_least(self, "seed", "eval", 0)
 
 
 @dataclass
@@ -147,6 +154,9 @@ class CGANModelConfig:
             _positive(self, key, "model")
         if not 0.0 < self.bn_momentum <= 1.0:
             raise ConfigError(f"model.bn_momentum={self.bn_momentum}: must be in (0, 1]")
+        if self.bn_eps <= 0:
+            raise ConfigError(f"model.bn_eps={self.bn_eps}: must be positive")
+        _image_shape_options(self)
 
 
 @dataclass
@@ -259,6 +269,7 @@ class UNetConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout}: must be in [0, 1)")
         _positive(self, "layers_per_block", "model")
+        _image_shape_options(self)
 
 
 @dataclass
@@ -285,6 +296,10 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.label_dropout={self.label_dropout}: must be in [0, 1)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"diffusion.snr_gamma={self.snr_gamma}: must be positive or null")
+        if self.sample_steps > self.num_train_timesteps:
+            raise ConfigError(f"diffusion.sample_steps={self.sample_steps}: must be at most "
+                              f"diffusion.num_train_timesteps={self.num_train_timesteps}")
+        _at_least(self, "sample_guidance", "diffusion", 0)
 
 
 @dataclass
@@ -299,8 +314,12 @@ class DDPMOptimConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr}: must be positive")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        _at_least(self, "warmup_steps", "optim", 0)
+        _at_least(self, "weight_decay", "optim", 0)
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm}: must be positive or null (no clipping)")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas}: each must be in [0, 1)")
 
 
 @dataclass
@@ -323,6 +342,8 @@ class DDPMConfig:
 
 
 def _validate_run(cfg: Any) -> None:
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed}: must be >= 0 (numpy's seeding refuses negative seeds)")
     late = [e for e in cfg.eval.snapshot_epochs if e > cfg.train.epochs]
     if late:
         raise ConfigError(f"eval.snapshot_epochs={cfg.eval.snapshot_epochs}: {late} lie after the last epoch "
@@ -365,6 +386,22 @@ def _positive(section: Any, key: str, prefix: str) -> None:
     value = getattr(section, key)
     if value < 1:
         raise ConfigError(f"{prefix}.{key}={value}: must be positive")
+
+
+def _at_least(section: Any, key: str, prefix: str, low: float) -> None:
+    value = getattr(section, key)
+    if value < low:
+        raise ConfigError(f"{prefix}.{key}={value}: must be >= {low}")
+
+
+def _image_shape_options(model: Any) -> None:
+    """`model.channels` / the size field, when given, must describe an image (they are checked against the data later)."""
+    if model.channels is not None and model.channels not in (1, 3):
+        raise ConfigError(f"model.channels={model.channels}: valid choices are 1, 3 or null (taken from the data)")
+    size_key = "image_size" if hasattr(model, "image_size") else "sample_size"
+    size = getattr(model, size_key)
+    if size is not None and size < 8:
+        raise ConfigError(f"model.{size_key}={size}: must be at least 8 or null (taken from the data)")
 
 
 def _type_name(tp: Any) -> str:
@@ -415,6 +452,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        # nan passes every `<` check below and inf every `>`: refuse both here, for every option.
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

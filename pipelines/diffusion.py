@@ -33,6 +33,9 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: DDPMOptimConfig, to
 class DiffusionStep:
     """One micro-batch of the noise-prediction objective; the optimizer steps when accumulation is complete.
 
+    The noise, timesteps and label dropout are drawn for the whole global batch from `generator`
+    (seeded alike on every process) and each process keeps its own rows, the rows its data shard
+    holds: N processes of batch B then train exactly as one process of batch N x B does.
     Returns detached tensors (no host sync) so the caller reads them only at logging time.
     """
 
@@ -45,17 +48,26 @@ class DiffusionStep:
     num_classes: int
     max_grad_norm: Optional[float]
     guard: NonFiniteGuard
+    generator: torch.Generator
     ema: Optional[object] = None
     _alphas_cumprod: Optional[torch.Tensor] = None
+
+    def _draw(self, draw, size: int, *shape, **kwargs) -> torch.Tensor:
+        """`draw` for the global batch, this process's rows of it."""
+        acc = self.accelerator
+        full = draw((size * acc.num_processes, *shape), generator=self.generator, device=self.generator.device,
+                    **kwargs)
+        return full[acc.process_index * size: (acc.process_index + 1) * size]
 
     def __call__(self, x0: torch.Tensor, labels: torch.Tensor) -> dict:
         acc, cfg = self.accelerator, self.cfg
         metrics: dict = {}
         with acc.accumulate(self.unet):
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            b = x0.shape[0]
+            noise = self._draw(torch.randn, b, *x0.shape[1:], dtype=x0.dtype)
+            t = self._draw(lambda shape, **kw: torch.randint(0, cfg.num_train_timesteps, shape, **kw), b)
             if cfg.label_dropout > 0:
-                drop = torch.rand(x0.shape[0], device=x0.device) < cfg.label_dropout
+                drop = self._draw(torch.rand, b) < cfg.label_dropout
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
             x_t = self.noise_scheduler.add_noise(x0, noise, t)
             target = noise if cfg.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)

@@ -46,7 +46,8 @@ def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
     if kind not in classes:
         raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")
     try:
-        pipe = classes[kind].from_pretrained(str(path))
+        # use_safetensors: never fall back to a pickled .bin, even one that weights_only would accept.
+        pipe = classes[kind].from_pretrained(str(path), use_safetensors=True)
     except Exception as err:  # diffusers/safetensors raise many kinds for a damaged folder
         raise ValueError(f"{path} cannot be loaded as a {kind} ({type(err).__name__}: {err}); the export may be "
                          "truncated or corrupt: export it again from the run's checkpoints") from None

@@ -10,9 +10,7 @@ The distances themselves are clean-fid's (`frechet_distance`, `kernel_distance`)
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -228,23 +226,3 @@ def mean_lpips(images: torch.Tensor, labels: torch.Tensor, pairs_per_class: int 
             values.append(metric(x, y).flatten())
     return float(torch.cat(values).mean())
 
-
-def cache_dir() -> Path:
-    root = os.environ.get("PIPELINES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pipelines"
-    path = Path(root) / "eval"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def cached_features(key: str, compute: Callable[[], dict]) -> dict:
-    """Reference features are computed once per (dataset, split, extractor) and kept as .npz."""
-    path = cache_dir() / f"{key}.npz"
-    if path.exists():
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    values = compute()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **values)
-    os.replace(tmp, path)
-    return values

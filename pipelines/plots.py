@@ -43,17 +43,19 @@ def plot_losses(stats_file: Path, keys: list[str], path: Path) -> Path:
 
 def denoising_strip(pipeline, num_classes: int, steps: int, columns: int, seed: int, **call_kwargs) -> torch.Tensor:
     """For each class (a row), the sample at `columns` evenly spaced steps of the reverse process, x_T to x_0."""
-    keep = set(torch.linspace(0, steps - 1, columns).round().long().tolist())
-    frames: list[torch.Tensor] = []
+    # A list, not a set: with fewer steps than columns a step repeats, so every row still has `columns`
+    # frames and the caller's grid (nrow=columns) keeps one class per row.
+    keep = torch.linspace(0, steps - 1, columns).round().long().tolist()
+    frames: dict[int, torch.Tensor] = {}
     size = pipeline.config.image_size or pipeline.unet.config.sample_size
 
     def grab(i: int, t: torch.Tensor, sample: torch.Tensor) -> None:
         if i in keep:
-            frames.append(_crop(sample, size).float().cpu())
+            frames[i] = _crop(sample, size).float().cpu()
 
     pipeline(list(range(num_classes)), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
              output_type="pt", callback=grab, **call_kwargs)
-    strip = torch.stack(frames, dim=1).flatten(0, 1)  # class-major: row k holds class k's frames
+    strip = torch.stack([frames[i] for i in keep], dim=1).flatten(0, 1)  # class-major: row k holds class k's frames
     return (strip / 2 + 0.5).clamp(0, 1)
 
 

@@ -53,12 +53,12 @@ def prepare_run_dir(output_dir: str | Path, resume: Optional[str], overwrite: bo
     return out
 
 
-def wandb_mode(cfg: LogConfig) -> str:
+def wandb_mode(cfg: LogConfig, warn: bool = True) -> str:
     """'auto' means online when an API key is configured, offline (synced later) otherwise."""
     if cfg.wandb != "auto":
         return cfg.wandb
     has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
-    if not has_key:
+    if not has_key and warn:
         logger.warning("no W&B API key found: logging offline to <output_dir>/wandb (upload later with `wandb sync`)")
     return "online" if has_key else "offline"
 
@@ -80,19 +80,28 @@ def multi_cpu() -> bool:
 
 
 def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
-    """An Accelerator set up from the config (precision, accumulation, W&B), with the seed applied."""
-    mode = wandb_mode(cfg.log)
+    """An Accelerator set up from the config (precision, accumulation, W&B), with the seed applied.
+
+    It writes nothing: `start_run` does, once the set-up that can still fail on the user's input
+    (data, model shapes) has passed, so a corrected retry is not refused as an existing run.
+    """
     accelerator = Accelerator(
         cpu=multi_cpu(),
         # "no" defers to the launcher (`accelerate launch --mixed_precision bf16`, a config file).
         mixed_precision=None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with="wandb" if mode != "disabled" else None,
+        log_with="wandb" if wandb_mode(cfg.log, warn=False) != "disabled" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
     )
     # seed + process index: each process draws its own noise (DDP broadcasts rank 0's initial weights,
     # and the data order comes from the loader's own generator, shared by all processes).
     set_seed(cfg.seed, device_specific=True)
+    return accelerator
+
+
+def start_run(accelerator: Accelerator, cfg: Any, output_dir: Path) -> None:
+    """The first writes of a run: `config.yaml` and the W&B run."""
+    mode = wandb_mode(cfg.log)
     if mode != "disabled":
         accelerator.init_trackers(
             cfg.log.project,
@@ -102,7 +111,6 @@ def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
         )
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
-    return accelerator
 
 
 def apply_speed_options(cfg: Any, *models: torch.nn.Module) -> None:
@@ -144,17 +152,35 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises, library by library: OSError from Python's own files and shutil,
+    SafetensorError from safetensors, RuntimeError from torch.save (its zip writer's "unexpected pos")."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError, RuntimeError
+
+
+def _write_failure(err: BaseException) -> str:
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text:
+        return "no space left on device"
+    if getattr(err, "errno", None) == errno.EFBIG or "os error 27" in text or "File too large" in text:
+        return "file too large for this filesystem or the file-size limit (ulimit -f)"
+    if isinstance(err, RuntimeError) and "unexpected pos" in text:  # torch.save cut short: the disk refused bytes
+        return f"the write was cut short, most likely a full disk ({type(err).__name__}: {text})"
+    return f"{type(err).__name__}: {text}"
+
+
 @contextlib.contextmanager
 def cleaned_up_on_write_error(tmp: Path, what: str, intact: list[Path]) -> Iterator[None]:
     """A full disk (or any write error) removes the half-written `tmp` and says what is still intact."""
     try:
         yield
-    except OSError as err:
+    except _write_errors() as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "no space left on device" if err.errno == errno.ENOSPC else f"{type(err).__name__}: {err}"
         kept = f"{intact[-1]} is intact" if intact else "nothing earlier was saved"
-        raise RunDirError(f"writing the {what} failed ({reason}); the partial copy was removed and {kept}. "
-                          "Free space (or set checkpoint.keep lower), then --resume latest") from err
+        raise RunDirError(f"writing the {what} failed ({_write_failure(err)}); the partial copy was removed and "
+                          f"{kept}. Free space (or set checkpoint.keep lower), then --resume latest") from err
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int,
@@ -197,6 +223,12 @@ def resolve_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
+        if not found:
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                logger.warning(f"--resume latest: no complete checkpoint in {checkpoint_dir(output_dir)}; "
+                               "starting from step 0")
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
@@ -205,19 +237,61 @@ def resolve_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """Restore what `save_checkpoint` wrote; return the step and the `extra` tensors."""
+def read_checkpoint_file(path: Path) -> Any:
+    """One file of a checkpoint, read without running code from it: safetensors, JSON, or a
+    `weights_only` pickle (accelerate's optimizer, LR-schedule and RNG files, with the numpy types
+    RNG states need allowed, as accelerate itself loads them)."""
+    from accelerate.utils import load
     from safetensors.torch import load_file
 
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return load(str(path), map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore what `save_checkpoint` wrote; return the step and the `extra` tensors.
+
+    Every file is read safely first, so a damaged or tampered one is an error that names it
+    (accelerate itself skips an unreadable RNG file with an info message, and the resumed run
+    would then quietly differ); afterwards the RNG states are checked to be the ones on disk.
+    """
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    contents = {}
+    for file in sorted(p for p in path.iterdir() if p.is_file()) + ([] if rng_file.exists() else [rng_file]):
+        try:
+            contents[file.name] = read_checkpoint_file(file)
+        except Exception as err:
+            raise RunDirError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}: {err}); the "
+                              "checkpoint may be corrupt: remove it to resume from the one before") from None
     try:
         accelerator.load_state(str(path))
-        step = int(json.loads((path / STATE_FILE).read_text())["step"])
-        extra_file = path / "extra.safetensors"
-        extra = load_file(str(extra_file)) if extra_file.exists() else {}
     except Exception as err:
         raise RunDirError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
                           "it may be corrupt: remove it to resume from the one before") from None
-    return step, extra
+    if not _rng_restored(contents[rng_file.name]):
+        raise RunDirError(f"checkpoint file {rng_file} holds no valid random state (accelerate could not restore "
+                          "it); the resumed run would differ from an uninterrupted one. Remove this checkpoint to "
+                          "resume from the one before")
+    return int(contents[STATE_FILE]["step"]), contents.get("extra.safetensors", {})
+
+
+def _rng_restored(saved: Any) -> bool:
+    """Whether the process's Python, numpy and torch generators now hold the states in `saved`."""
+    import random
+
+    import numpy as np
+
+    try:
+        numpy_now, numpy_saved = np.random.get_state(), saved["numpy_random_seed"]
+        return (random.getstate() == tuple(saved["random_state"])
+                and torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
+                and numpy_now[0] == numpy_saved[0] and np.array_equal(numpy_now[1], numpy_saved[1])
+                and tuple(numpy_now[2:]) == tuple(numpy_saved[2:]))
+    except (KeyError, TypeError, IndexError, ValueError):
+        return False
 
 
 class WallClock:
@@ -256,6 +330,18 @@ def load_ema_state(ema, extra: dict[str, torch.Tensor]) -> None:
     for i, p in enumerate(ema.shadow_params):
         p.data.copy_(extra[f"ema.{i}"].to(p.device))
     ema.optimization_step = int(extra["ema.optimization_step"])
+
+
+def generator_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"noise_rng": generator.get_state()}
+
+
+def load_generator_state(generator: torch.Generator, extra: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    if "noise_rng" not in extra:  # written before the training noise had its own generator
+        logger.warning(f"{checkpoint} holds no training-noise generator state; the resumed run draws other noise "
+                       "than an uninterrupted one would")
+        return
+    generator.set_state(extra["noise_rng"])
 
 
 @contextlib.contextmanager

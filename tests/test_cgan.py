@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -13,11 +14,11 @@ import torch
 
 from pipelines import CGANDiscriminator, CGANGenerator, CGANPipeline
 from pipelines.config import CGANConfig, ConfigError, load_config
-from pipelines.gan import GANStep, paired_labels
-from pipelines.losses import gan_loss, mode_seeking_penalty
+from pipelines.gan import GANStep, build_cgan, make_optimizers, paired_labels
+from pipelines.losses import gan_loss, gradient_penalty, mode_seeking_penalty
 from pipelines.models.cgan import class_feature_std
 from pipelines.training import NonFiniteGuard, list_checkpoints
-from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir, run_script
+from trainer_utils import ROOT, assert_same_tensors, launch, load_safetensors_dir, run_script
 
 TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.base_channels=8", "model.latent_dim=16",
         "model.label_emb_dim=8", "train.batch_size=32", "train.epochs=2", "log.every_steps=4"]
@@ -27,13 +28,17 @@ TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.base_channels=8
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
 @pytest.mark.parametrize("norm,conditioning", [("batch", "label_map"), ("spectral", "projection")])
 def test_shapes(arch, size, channels, norm, conditioning):
-    g = CGANGenerator(arch=arch, image_size=size, channels=channels, base_channels=8, latent_dim=16)
+    # eval: BatchNorm's running statistics (batch statistics of equal rows would amplify rounding by 1 / sqrt(eps))
+    g = CGANGenerator(arch=arch, image_size=size, channels=channels, base_channels=8, latent_dim=16).eval()
     d = CGANDiscriminator(arch=arch, image_size=size, channels=channels, base_channels=8, norm=norm,
                           conditioning=conditioning)
     labels = torch.tensor([0, 3, 9])
-    images = g(g.sample_noise(3), labels)
+    images = g(g.sample_noise(1).expand(3, -1), labels)
     assert images.shape == (3, channels, size, size)
-    assert images.min() >= -1 and images.max() <= 1  # Tanh output, the data's range
+    # One code, three labels: the generator draws from the label, not from the noise alone. (Equal inputs
+    # differ by ~1e-7 across a batch's rows, the kernels' rounding; a label moves some pixel by > 0.1.)
+    for a, b in ((0, 1), (1, 2)):
+        assert not torch.allclose(images[a], images[b], atol=1e-4), (a, b)
     assert d(images, labels).shape == (3,)
 
 
@@ -87,7 +92,11 @@ def test_bad_arch_and_size_are_rejected():
 def test_pipeline_labels_by_name_and_range_errors():
     pipe = CGANPipeline(model=CGANGenerator(base_channels=8).eval(), class_names=[f"c{i}" for i in range(10)])
     out = pipe(["c2", 7], generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert out.shape == (2, 28, 28, 1) and out.min() >= 0 and out.max() <= 1
+    # The generator's [-1, 1] images for labels 2 and 7 from the same seed, as [0, 1] NHWC float32.
+    with torch.no_grad():
+        direct = pipe.model(pipe.model.sample_noise(2, torch.Generator().manual_seed(0)), torch.tensor([2, 7]))
+    assert out.shape == (2, 28, 28, 1) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, (direct / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
     with pytest.raises(ValueError, match="out of range; valid labels are 0..9"):
         pipe([10])
     with pytest.raises(ValueError, match="unknown class name 'shoe'"):
@@ -222,12 +231,44 @@ def test_wgan_gp_with_critic_steps_runs(tmp_path):
     assert (out / "pipeline" / "model_index.json").exists()
 
 
+def test_wgan_gp_steps_the_critic_every_call_and_adds_the_penalty():
+    """critic_steps=5: D steps on each of 10 calls, G on calls 5 and 10; loss_d = critic loss + lambda * GP."""
+    from accelerate import Accelerator
+
+    cfg = load_config(CGANConfig, None, TINY + ["loss.name=wgan_gp", "loss.critic_steps=5", "loss.gp_weight=10"])
+    torch.manual_seed(0)
+    g, d = build_cgan(cfg, num_classes=10, channels=1, image_size=28)
+    g0, d0 = copy.deepcopy(g), copy.deepcopy(d)  # the untrained pair, for the loss by hand
+    opt_g, opt_d = make_optimizers(cfg, g, d, torch.device("cpu"))
+    counts = {"g": 0, "d": 0}
+    opt_g.register_step_post_hook(lambda *_: counts.__setitem__("g", counts["g"] + 1))
+    opt_d.register_step_post_hook(lambda *_: counts.__setitem__("d", counts["d"] + 1))
+    loss = gan_loss(cfg.loss.name)
+    step = GANStep(Accelerator(cpu=True), g, d, opt_g, opt_d, loss, cfg.loss.gp_weight, cfg.loss.critic_steps,
+                   NonFiniteGuard(limit=3))
+    data = torch.Generator().manual_seed(1)
+    real, labels = torch.rand(8, 1, 28, 28, generator=data) * 2 - 1, torch.randint(0, 10, (8,), generator=data)
+
+    torch.manual_seed(2)
+    first = step(0, real, labels)
+    # By hand from the same global RNG state: the step draws z, then the penalty's interpolation weights.
+    torch.manual_seed(2)
+    fake = g0(g0.sample_noise(8), labels)
+    critic = loss.discriminator(d0(real, labels), d0(fake.detach(), labels))
+    penalty = gradient_penalty(d0, real, fake, labels)
+    assert penalty.item() > 0.1  # so that leaving it out would show
+    torch.testing.assert_close(first["loss_d"], (critic + 10.0 * penalty).detach())
+
+    metrics = [first] + [step(i, real, labels) for i in range(1, 10)]
+    assert [i for i, m in enumerate(metrics) if "loss_g" in m] == [4, 9]  # the 5th and 10th calls
+    assert counts == {"d": 10, "g": 2}
+
+
 def test_accelerate_launch_runs_the_script(tmp_path):
     out = tmp_path / "launched"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-           str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=offline", *TINY, "train.epochs=1"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(tmp_path, ["--num_processes", "1", "--cpu"],
+                    [str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=offline", *TINY, "train.epochs=1"])
+    assert result.returncode == 0, result.report
     assert (out / "pipeline" / "model_index.json").exists()
     assert list((out / "wandb").glob("offline-run-*")), "an offline W&B run is written locally"
 
@@ -238,10 +279,9 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(tmp_path):
     one = tmp_path / "one"
     assert run_script("train_cgan", CGANConfig, one, common + ["train.batch_size=32"]) == 0
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           str(ROOT / "train_cgan.py"), f"output_dir={two}", *common, "train.batch_size=16"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
+                    [str(ROOT / "train_cgan.py"), f"output_dir={two}", *common, "train.batch_size=16"])
+    assert result.returncode == 0, result.report
     assert result.stdout.count("done: 8 steps") == 1  # 256 images / (2 x 16) per step; one process reports
     curves = [[json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()] for run in (one, two)]
     assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]] == list(range(1, 9))
@@ -253,14 +293,39 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(tmp_path):
     assert [p.name for p in list_checkpoints(two)] == ["step_000000008"]
 
 
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
 @pytest.mark.parametrize("script", ["train_cgan", "train_ddpm"])
-def test_bf16_mixed_precision_runs_on_cpu(script, tmp_path):
+def test_mixed_precision_sets_the_dtype_of_the_training_convolutions(script, precision, dtype, tmp_path,
+                                                                     monkeypatch):
+    """bf16 autocast on CPU: every model's convolutions compute in bf16 while training; with "no", in float32."""
+    import pipelines.gan
+    import pipelines.models.unet
     from pipelines.config import DDPMConfig
     from test_ddpm import TINY as DDPM_TINY
 
+    seen: dict[str, set] = {}
+
+    def watched(name: str, model: torch.nn.Module) -> torch.nn.Module:
+        def hook(module, inputs, output):
+            if module.training:  # the training forward, not the grids' eval-mode sampling
+                seen.setdefault(name, set()).add(output.dtype)
+
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                module.register_forward_hook(hook)
+        return model
+
+    # The scripts import the builders by name when run_script loads them, so patch the modules they import from.
+    build_cgan, build_unet = pipelines.gan.build_cgan, pipelines.models.unet.build_unet
+    monkeypatch.setattr(pipelines.gan, "build_cgan", lambda *a, **k: tuple(
+        watched(name, model) for name, model in zip(("G", "D"), build_cgan(*a, **k))))
+    monkeypatch.setattr(pipelines.models.unet, "build_unet", lambda *a, **k: watched("unet", build_unet(*a, **k)))
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # "no" defers to the launcher's setting
+
     cls, overrides = (CGANConfig, TINY) if script == "train_cgan" else (DDPMConfig, DDPM_TINY)
-    out = tmp_path / "bf16"
-    assert run_script(script, cls, out, overrides + ["train.epochs=1", "train.mixed_precision=bf16"]) == 0
+    out = tmp_path / precision
+    assert run_script(script, cls, out, overrides + ["train.epochs=1", f"train.mixed_precision={precision}"]) == 0
+    assert seen == ({"G": {dtype}, "D": {dtype}} if script == "train_cgan" else {"unet": {dtype}})
     records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert all(np.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
     assert (out / "pipeline" / "model_index.json").exists()
@@ -287,6 +352,18 @@ def test_channels_last_trains_the_same_model(script, tmp_path):
     assert [r[key] for r in curves[1]] == pytest.approx([r[key] for r in curves[0]], rel=1e-3)
     a, b = (load_safetensors_dir(tmp_path / n / "pipeline") for n in ("default", "nhwc"))
     assert a.keys() == b.keys()
+    # safetensors stores row-major bytes under the logical shape, so equal shapes, dtypes and values mean the
+    # export is the standard NCHW one whatever the option. NHWC kernels on CPU add the same products in
+    # another order: float rounding (~1e-7 here), carried along by 8 optimizer steps, hence 1e-5. Except
+    # where the true gradient is zero (a bias just before BatchNorm, and with it the running mean; attention's
+    # key bias, which softmax ignores): the gradient is rounding noise that Adam scales to steps of ~lr, so
+    # those may drift by up to lr per step.
+    drift = sum(r["lr_g" if script == "train_cgan" else "lr"] for r in curves[0])
+    null_gradient = ("fc.0.bias", "net.0.bias", "running_mean", "to_k.bias")
+    for key in a:  # assert_close also checks shape and dtype
+        loose = key.endswith(null_gradient)
+        torch.testing.assert_close(b[key], a[key], atol=drift if loose else 1e-5, rtol=0 if loose else 1e-4,
+                                   msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.slow

@@ -436,3 +436,68 @@ def test_save_config_round_trip(tmp_path, cls, overrides):
     assert isinstance(loaded.optim.betas, tuple)
     # the saved file is ordinary YAML with one section per dataclass field
     assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(cls)}
+
+
+def _numeric_options(cls, prefix=""):
+    """Every numeric leaf of a config tree as (dotted key, annotation, value that puts one number at -1 / nan)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_options(tp, key + ".")
+            continue
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+        origin = typing.get_origin(inner)
+        if origin in (list, tuple):
+            items = typing.get_args(inner)
+            if items and items[0] in (int, float):
+                default = getattr(cls(), f.name) or [1, 1]
+                yield key, items[0], lambda bad, d=list(default): [bad] + d[1:]
+        elif inner in (int, float):
+            yield key, inner, lambda bad: bad
+
+
+ALL_NUMERIC = sorted({(cls, key, tp, make) for cls in (CGANConfig, DDPMConfig)
+                      for key, tp, make in _numeric_options(cls)}, key=lambda x: (x[0].__name__, x[1]))
+
+
+@pytest.mark.parametrize("cls,key,tp,make", ALL_NUMERIC, ids=[f"{c.__name__}-{k}" for c, k, _, _ in ALL_NUMERIC])
+def test_every_numeric_option_refuses_a_negative_value(cls, key, tp, make):
+    """No option of either trainer means anything below zero (sizes, counts, rates, weights, seeds, ids)."""
+    value = make(-1)
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}[=\[]"):
+        load_config(cls, overrides=[f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+
+
+FLOAT_OPTIONS = [x for x in ALL_NUMERIC if x[2] is float]
+
+
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("cls,key,tp,make", FLOAT_OPTIONS, ids=[f"{c.__name__}-{k}" for c, k, _, _ in FLOAT_OPTIONS])
+def test_every_float_option_refuses_nan_and_infinity(cls, key, tp, make, bad):
+    value = make("BAD")
+    text = yaml.safe_dump(value, default_flow_style=True).strip().replace("BAD", bad)
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}(\[\d\])?=.*must be a finite number"):
+        load_config(cls, overrides=[f"{key}={text}"])
+
+
+def test_the_numeric_walk_sees_every_section():
+    keys = {key for _, key, _, _ in ALL_NUMERIC}
+    assert {"optim.lr", "optim.lr_g", "optim.max_grad_norm", "optim.weight_decay", "optim.betas",
+            "diffusion.sample_guidance", "eval.guidance", "eval.steps", "log.showcase_class", "seed",
+            "data.classes", "diffusion.sample_guidance_interval", "model.bn_eps"} <= keys
+    assert len(FLOAT_OPTIONS) >= 15
+
+
+@pytest.mark.parametrize("override,message", [
+    ("diffusion.sample_steps=2000", "diffusion.sample_steps=2000: must be at most diffusion.num_train_timesteps=1000"),
+    ("optim.max_grad_norm=0", "optim.max_grad_norm=0.0: must be positive or null"),
+    ("model.channels=2", "model.channels=2: valid choices are 1, 3 or null"),
+])
+def test_ddpm_options_checked_against_each_other(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", "[.]").replace("(", r"\(")):
+        load_config(DDPMConfig, overrides=[override])

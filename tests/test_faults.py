@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import random
 import shutil
 import signal
 import subprocess
@@ -15,24 +17,174 @@ import pytest
 from pipelines.config import CGANConfig, DDPMConfig
 from pipelines.training import list_checkpoints, resolve_resume
 from test_cgan import TINY
-from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir, run_script
+from test_ddpm import TINY as DDPM_TINY
+from trainer_utils import (
+    ROOT, assert_same_state, assert_same_tensors, checkpoint_state, final_checkpoint, free_port, launch,
+    load_safetensors_dir, logged_steps, run_script,
+)
 
-# Long enough to be interrupted: 4 epochs of 8 steps, a checkpoint every 4 steps.
-LONG = TINY + ["train.epochs=4", "checkpoint.every_steps=4", "checkpoint.keep=10", "train.ema_decay=0.9"]
+# Long enough to be interrupted: the cGAN 4 epochs of 8 steps, the DDPM 2 of 8, a checkpoint every 4 steps.
+# Every step is logged, so stats.jsonl shows which steps each process ran.
+LONG = TINY + ["train.epochs=4", "checkpoint.every_steps=4", "checkpoint.keep=10", "train.ema_decay=0.9",
+               "log.every_steps=1"]
+DDPM_LONG = DDPM_TINY + ["checkpoint.every_steps=4", "checkpoint.keep=10", "log.every_steps=1"]
+FAMILIES = {"cgan": ("train_cgan", CGANConfig, LONG, 32), "ddpm": ("train_ddpm", DDPMConfig, DDPM_LONG, 16)}
+HARNESS = ROOT / "tests" / "fault_harness.py"
 
 
-def start(out, *extra):
-    cmd = [sys.executable, str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *LONG, *extra]
-    return subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def harness(family, out, fault, *extra, wait=True):
+    """The trainer under `fault` (tests/fault_harness.py) in a new process."""
+    script, _, overrides, _ = FAMILIES[family]
+    cmd = [sys.executable, str(HARNESS), fault, script, f"output_dir={out}", "log.wandb=disabled", *overrides, *extra]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        proc.stdout_text, proc.stderr_text = proc.communicate(timeout=600)
+    return proc
 
 
-def wait_for_checkpoint(out, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if list_checkpoints(out):
-            return
-        time.sleep(0.05)
-    pytest.fail(f"no checkpoint appeared (exit code {proc.poll()})")
+# The DDPM's final pictures make each of its runs slow here: one kill case in the fast suite.
+SLOW_KILLS = {("ddpm", "the export"), ("ddpm", "random")}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """An uninterrupted run of a family, and the list of every file write it made, in order: made once each."""
+    made = {}
+
+    def reference_of(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"reference-{family}")
+            proc = harness(family, root / "full", f"log-writes:{root / 'writes.jsonl'}")
+            assert proc.returncode == 0, proc.stderr_text[-5000:]
+            writes = [json.loads(line) for line in (root / "writes.jsonl").read_text().splitlines()]
+            made[family] = family, root / "full", writes
+        return made[family]
+
+    return reference_of
+
+
+@pytest.fixture(params=list(FAMILIES))
+def reference(request, references):
+    # Function-scoped over a module-wide cache: pytest would rebuild a parametrized module fixture each time
+    # the test order switched between its parameters.
+    return references(request.param)
+
+
+def resume_and_compare(family, out, reference_out, *extra):
+    """Resume `out` and check it continued from its newest complete checkpoint, ran exactly the steps after
+    it, and ended in the same state as the uninterrupted run: both networks, optimizers, EMA, LR schedule,
+    RNG states and step, and the same exported pipeline."""
+    script, cls, overrides, total = FAMILIES[family]
+    done = list_checkpoints(out)
+    start = json.loads((done[-1] / "training_state.json").read_text())["step"] if done else 0
+    logged_before = len(logged_steps(out)) if (out / "stats.jsonl").exists() else 0
+    assert run_script(script, cls, out, overrides, *extra, "--resume", "latest") == 0
+    assert logged_steps(out)[logged_before:] == list(range(start + 1, total + 1)), f"resumed from step {start}"
+    assert_same_state(checkpoint_state(final_checkpoint(out)), checkpoint_state(final_checkpoint(reference_out)))
+    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(reference_out / "pipeline"))
+    return start
+
+
+def assert_nothing_half_made_looks_done(out, reference_out):
+    """Every checkpoint that looks complete is (same files as the reference's, all readable), and an export
+    exists only whole."""
+    names = sorted(p.name for p in final_checkpoint(reference_out).iterdir())
+    for checkpoint in list_checkpoints(out):
+        assert sorted(checkpoint_state(checkpoint)) == names, checkpoint
+    if (out / "pipeline").exists():
+        assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(reference_out / "pipeline"))
+
+
+def write_moments(writes, seed, count):
+    """Kill moments (1-based write numbers): the first write of the second checkpoint, the export's weights,
+    and `count` more drawn with `seed`."""
+    rng = random.Random(seed)
+    return {"a later checkpoint": next(i for i, w in enumerate(writes, 1) if ".tmp-step_" in w and "_000000004" not in w),
+            "the export": next(i for i, w in enumerate(writes, 1) if "/.tmp-pipeline/" in w),
+            "random": rng.sample(range(1, len(writes) + 1), count)}
+
+
+def kill_at_write_then_resume(reference, tmp_path, moment):
+    family, reference_out, writes = reference
+    out = tmp_path / f"killed-{moment}"
+    proc = harness(family, out, f"kill-at-write:{moment}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr_text[-3000:]
+    killed_in = writes[moment - 1]
+    assert_nothing_half_made_looks_done(out, reference_out)
+    start = resume_and_compare(family, out, reference_out)
+    # The kill landed inside the write it names: that checkpoint (or the export) was not taken as complete.
+    if ".tmp-step_" in killed_in:
+        assert start < int(killed_in.split(".tmp-step_")[1][:9])
+    return killed_in
+
+
+KILL_CASES = [pytest.param(family, pick, marks=[pytest.mark.slow] if (family, pick) in SLOW_KILLS else [],
+                           id=f"{family}-{pick}")
+              for family in FAMILIES for pick in ("a later checkpoint", "the export", "random")]
+
+
+@pytest.mark.parametrize("reference,pick", KILL_CASES, indirect=["reference"])
+def test_kill_9_during_a_write_then_resume_continues_exactly(reference, tmp_path, pick):
+    family, _, writes = reference
+    moment = write_moments(writes, seed=0, count=1)[pick]
+    killed_in = kill_at_write_then_resume(reference, tmp_path, moment[0] if pick == "random" else moment)
+    if pick != "random":
+        assert {"a later checkpoint": "/.tmp-step_", "the export": "/.tmp-pipeline/"}[pick] in killed_in
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
+def test_kill_9_at_many_seeded_write_moments(reference, tmp_path, seed):
+    _, _, writes = reference
+    for moment in write_moments(writes, seed=100 + seed, count=4)["random"]:
+        kill_at_write_then_resume(reference, tmp_path, moment)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_kill_9_at_seeded_random_times(reference, tmp_path, seed):
+    family, reference_out, _ = reference
+    out = tmp_path / "killed"
+    proc = harness(family, out, "slow:0.05", wait=False)
+    time.sleep(random.Random(seed).uniform(3.0, 9.0))  # start-up takes about 3 s here; the run about 5 s more
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert_nothing_half_made_looks_done(out, reference_out)
+    resume_and_compare(family, out, reference_out)
+
+
+TWO = TINY + ["train.epochs=2", "train.batch_size=16", "log.every_steps=1", "checkpoint.every_steps=1000"]
+
+
+def launch_two(tmp_path, out, *script):
+    return launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
+                  [*script, f"output_dir={out}", "log.wandb=disabled", *TWO])
+
+
+def test_sigterm_to_one_of_two_processes_writes_the_only_checkpoint_and_both_resume_from_it(tmp_path):
+    """Preemption reaching one rank: the ranks agree at the next step, save together, and exit 143."""
+    reference = tmp_path / "reference"
+    result = launch_two(tmp_path, reference, str(ROOT / "train_cgan.py"))
+    assert result.returncode == 0, result.report
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), "--multi_gpu",
+           "--num_processes", "2", str(HARNESS), "slow:0.2", "train_cgan", f"output_dir={out}", "log.wandb=disabled",
+           *TWO]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, proc, 2)
+    os.kill(int((tmp_path / "pid.1").read_text()), signal.SIGTERM)  # rank 1 only, not the main process
+    printed, err = proc.communicate(timeout=300)
+    [checkpoint] = list_checkpoints(out)
+    step = json.loads((checkpoint / "training_state.json").read_text())["step"]
+    assert 2 <= step < 16 and f"SIGTERM: saved a checkpoint at step {step}" in printed, printed + err
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+    assert logged_steps(out)[-1] == step
+    result = launch_two(tmp_path, out, str(ROOT / "train_cgan.py"), "--resume", "latest")
+    assert result.returncode == 0, result.report
+    assert logged_steps(out)[-(16 - step):] == list(range(step + 1, 17))
+    assert_same_state(checkpoint_state(final_checkpoint(out)), checkpoint_state(final_checkpoint(reference)))
+    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(reference / "pipeline"))
 
 
 @pytest.fixture(scope="module")
@@ -42,30 +194,31 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(uninterrupted, tmp_path):
-    out = tmp_path / "killed"
-    proc = start(out)
-    wait_for_checkpoint(out, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = list_checkpoints(out)
-    assert done and not (out / "pipeline").exists()
-    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 0
-    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(uninterrupted / "pipeline"))
+def wait_for_steps(out, proc, steps, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "stats.jsonl").exists() and len(logged_steps(out)) >= steps:
+            return
+        time.sleep(0.02)
+    pytest.fail(f"the run did not log {steps} steps (exit code {proc.poll()})")
 
 
-def test_sigterm_writes_a_final_checkpoint_and_exits(tmp_path, uninterrupted):
+def test_sigterm_writes_the_only_checkpoint_and_the_run_continues_from_it(reference, tmp_path):
+    """With no step or time checkpoint due, the checkpoint SIGTERM writes is the only one there is."""
+    family, reference_out, _ = reference
+    _, _, _, total = FAMILIES[family]
     out = tmp_path / "preempted"
-    proc = start(out)
-    wait_for_checkpoint(out, proc)
+    proc = harness(family, out, "slow:0.2", "checkpoint.every_steps=1000", wait=False)
+    wait_for_steps(out, proc, 2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    steps = [int(p.name.split("_")[1]) for p in list_checkpoints(out)]
-    state = json.loads((list_checkpoints(out)[-1] / "training_state.json").read_text())
-    assert state["step"] == max(steps) and 0 < max(steps) < 32
-    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 0
-    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(uninterrupted / "pipeline"))
+    printed, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    [checkpoint] = list_checkpoints(out)
+    step = json.loads((checkpoint / "training_state.json").read_text())["step"]
+    assert 2 <= step < total and step == logged_steps(out)[-1]  # saved right after the step SIGTERM interrupted
+    assert f"SIGTERM: saved a checkpoint at step {step}" in printed
+    # The checkpoint of the reference run at that step would only exist where a step checkpoint was due.
+    assert resume_and_compare(family, out, reference_out, "checkpoint.every_steps=1000") == step
 
 
 def test_half_written_checkpoints_are_never_taken(uninterrupted, tmp_path):
@@ -80,20 +233,11 @@ def test_half_written_checkpoints_are_never_taken(uninterrupted, tmp_path):
     assert resolve_resume(out, "latest") == newest
 
 
-def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(uninterrupted, out)
-    newest = list_checkpoints(out)[-1]
-    weights = newest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 2
-    err = capsys.readouterr().err
-    assert str(newest) in err and "corrupt" in err
-
-
 @pytest.mark.parametrize("overrides,message", [
     (["data.name=imagenet"], "valid choices: fashion_mnist, cifar10, synthetic"),
     (["train.batch_size=0"], "train.batch_size=0: must be positive"),
+    (["optim.lr_g=.nan"], "optim.lr_g=nan: must be a finite number"),
+    # Found only once the data is loaded or the models are built, after the run directory exists:
     (["model.channels=3"], "model.channels=3 but the data has 1-channel images"),
     (["data.pad_to=30"], "must be a multiple of 4"),
     (["data.path=/nonexistent/folder"], "does not exist"),
@@ -102,16 +246,32 @@ def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path, capsys)
 def test_bad_input_fails_early_with_a_clear_message_and_no_run_left(tmp_path, capsys, overrides, message):
     out = tmp_path / "run"
     assert run_script("train_cgan", CGANConfig, out, TINY + overrides) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    # Nothing written (no config.yaml, no W&B folder), so the corrected command is not refused as a rerun.
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("script,cls,tiny,bad,message", [
+    ("train_cgan", CGANConfig, "test_cgan", ["model.channels=3"], "model.channels=3 but the data"),
+    ("train_ddpm", DDPMConfig, "test_ddpm", ["log.showcase_class=10"], "log.showcase_class=10: the data has 10 "
+                                                                        "classes (valid: 0..9)"),
+])
+def test_a_corrected_retry_runs_without_overwrite(tmp_path, capsys, script, cls, tiny, bad, message):
+    base = __import__(tiny).TINY + ["train.max_steps=1", "log.wandb=offline"]
+    out = tmp_path / "run"
+    assert run_script(script, cls, out, base + bad) == 2
     assert message in capsys.readouterr().err
-    assert not (out / "pipeline").exists() and not list_checkpoints(out)
+    assert run_script(script, cls, out, base) == 0
+    assert (out / "pipeline" / "model_index.json").exists() and (out / "config.yaml").exists()
 
 
-def test_ddpm_rejects_images_the_unet_cannot_take(tmp_path, capsys):
-    from test_ddpm import TINY as DDPM_TINY
-
-    bad = DDPM_TINY + ["model.block_out_channels=[8,8,8,8]", "model.attention=[false,false,false,false]"]
-    assert run_script("train_ddpm", DDPMConfig, tmp_path / "run", bad) == 2
-    assert "cannot be halved 3 times" in capsys.readouterr().err
+def test_resume_latest_with_nothing_to_resume_says_it_starts_fresh(tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="pipelines"):
+        assert run_script("train_cgan", CGANConfig, out, TINY + ["train.max_steps=2"], "--resume", "latest") == 0
+    assert f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; starting from step 0" in caplog.text
+    assert json.loads((out / "stats.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
 class _Exploit:
@@ -124,19 +284,82 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
-def test_checkpoints_never_unpickle_code(uninterrupted, tmp_path, capsys):
+CHECKPOINT_FILES = {
+    "cgan": ["extra.safetensors", "model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
+             "random_states_0.pkl", "training_state.json"],
+    "ddpm": ["scheduler.bin"],  # the LR schedule; the rest as the cGAN's, with one network and one optimizer
+}
+FILE_CASES = [pytest.param(family, name, id=f"{family}-{name}") for family, names in CHECKPOINT_FILES.items()
+              for name in names]
+
+
+def resume_from_damaged(reference, tmp_path, name, damage) -> str:
+    family, reference_out, _ = reference
+    script, cls, overrides, _ = FAMILIES[family]
+    out = tmp_path / "run"
+    shutil.copytree(reference_out, out)
+    newest = list_checkpoints(out)[-1]
+    damage(newest / name)
+    import io
+    import contextlib
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_script(script, cls, out, overrides, "--resume", "latest") == 2
+    assert str(newest / name) in err.getvalue(), err.getvalue()
+    return err.getvalue()
+
+
+@pytest.mark.parametrize("reference,name", FILE_CASES, indirect=["reference"])
+def test_a_damaged_checkpoint_file_is_an_error_that_names_it(reference, tmp_path, name):
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+    assert "cannot be loaded" in resume_from_damaged(reference, tmp_path, name, truncate)
+
+
+PICKLES = [c for c in FILE_CASES if c.values[1].endswith((".bin", ".pkl"))]
+
+
+@pytest.mark.parametrize("reference,name", PICKLES, indirect=["reference"])
+def test_no_checkpoint_file_can_run_code_when_loaded(reference, tmp_path, name):
     import torch
 
-    out = tmp_path / "run"
-    shutil.copytree(uninterrupted, out)
-    newest = list_checkpoints(out)[-1]
-    names = {p.name for p in newest.iterdir()}
-    assert {"model.safetensors", "model_1.safetensors", "extra.safetensors", "training_state.json"} <= names
     marker = tmp_path / "pwned"
-    torch.save({"state": _Exploit(marker)}, newest / "optimizer.bin")
-    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 2
+    resume_from_damaged(reference, tmp_path, name, lambda path: torch.save({"state": _Exploit(marker)}, path))
     assert not marker.exists()  # weights_only loading refused the object instead of running it
-    assert "cannot be loaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reference", ["cgan"], indirect=True)
+@pytest.mark.parametrize("tamper", ["missing", "wrong content"])
+def test_a_random_state_that_cannot_be_restored_is_an_error(reference, tmp_path, tamper):
+    """accelerate skips an unusable RNG file with an info line; the resumed run would then quietly differ."""
+    import torch
+
+    def damage(path):
+        path.unlink()
+        if tamper == "wrong content":  # loads safely, but holds no generator state
+            torch.save({"random_state": [1, 2, 3], "numpy_random_seed": [], "torch_manual_seed": torch.zeros(3)}, path)
+
+    err = resume_from_damaged(reference, tmp_path, "random_states_0.pkl", damage)
+    assert ("cannot be loaded" if tamper == "missing" else "holds no valid random state") in err
+
+
+def test_exports_are_read_from_safetensors_only(uninterrupted, tmp_path):
+    """An export whose weights were swapped for a pickle: loading refuses it and runs nothing."""
+    import torch
+
+    from pipelines.evaluation import load_pipeline
+
+    export = tmp_path / "pipeline"
+    shutil.copytree(uninterrupted / "pipeline", export)
+    weights = export / "model" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Exploit(marker)}, export / "model" / "diffusion_pytorch_model.bin")
+    with pytest.raises(Exception, match="safetensors"):
+        load_pipeline(export)
+    assert not marker.exists()
 
 
 def test_wall_clock_says_when_the_period_has_passed(monkeypatch):
@@ -163,54 +386,76 @@ def test_time_based_checkpoints_come_between_step_intervals(tmp_path):
 def test_two_processes_agree_on_time_based_checkpoints(tmp_path):
     """Each process's clock fires at its own time; saving is collective, so they act together at log steps."""
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
-           "train.batch_size=16", "log.every_steps=3", "checkpoint.every_minutes=1e-9", "checkpoint.keep=100"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
+                    [str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
+                     "train.batch_size=16", "log.every_steps=3", "checkpoint.every_minutes=1e-9", "checkpoint.keep=100"])
+    assert result.returncode == 0, result.report
     assert [p.name for p in list_checkpoints(out)] == ["step_000000003", "step_000000006", "step_000000008"]
 
 
-def _disk_full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(uninterrupted, tmp_path, monkeypatch, capsys):
-    from accelerate import Accelerator
-
-    real_save_state, calls = Accelerator.save_state, []
-
-    def save_state_then_fill_the_disk(self, output_dir=None, **kwargs):
-        calls.append(output_dir)
-        real_save_state(self, output_dir, **kwargs)  # the files land, then the disk is full
-        if len(calls) == 2:
-            _disk_full()
-
-    monkeypatch.setattr(Accelerator, "save_state", save_state_then_fill_the_disk)
-    out = tmp_path / "full"
-    assert run_script("train_cgan", CGANConfig, out, LONG) == 2
-    err = capsys.readouterr().err
-    assert "no space left on device" in err and "step_000000004 is intact" in err
+# The sizes of the tiny cGAN's checkpoint files: model.safetensors (G) ~101 kB, model_1 (D) ~42 kB,
+# optimizer.bin ~197 kB. A file-size limit below the first fails in safetensors; between G and its optimizer,
+# in torch.save.
+@pytest.mark.parametrize("limit,raised_by", [(20_000, "SafetensorError"), (150_000, "RuntimeError")])
+def test_a_write_refused_by_the_os_while_checkpointing_keeps_the_last_checkpoint(uninterrupted, tmp_path, limit,
+                                                                                 raised_by):
+    """A real failed write (RLIMIT_FSIZE: EFBIG) as each library reports it, in the second checkpoint."""
+    out = tmp_path / "limited"
+    proc = harness("cgan", out, f"file-size-at-checkpoint:2:{limit}")
+    err = proc.stderr_text
+    assert proc.returncode == 2, err[-3000:]
+    assert "writing the checkpoint at step 8 failed" in err and "step_000000004 is intact" in err
+    assert "Traceback" not in err
+    assert {"SafetensorError": "file too large", "RuntimeError": "the write was cut short"}[raised_by] in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000000004"]  # no half-written folder
     assert not (out / "pipeline").exists()
-    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
-    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 0
-    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(uninterrupted / "pipeline"))
+    assert resume_and_compare("cgan", out, uninterrupted) == 4
 
 
-def test_disk_full_while_exporting_keeps_the_previous_export(uninterrupted, tmp_path, monkeypatch):
-    import safetensors.torch
+def _mounted_tmpfs(path, size):
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return result.returncode == 0
 
-    from pipelines.pipeline_cgan import CGANPipeline
-    from pipelines.training import RunDirError, save_pipeline
 
+def test_a_really_full_disk_while_checkpointing_keeps_the_last_checkpoint(uninterrupted, tmp_path):
+    """ENOSPC from a real filesystem: a small tmpfs, filled as the third checkpoint starts."""
+    disk = tmp_path / "disk"
+    if not _mounted_tmpfs(disk, "32m"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        out = disk / "run"
+        proc = harness("cgan", out, "fill-disk-at-checkpoint:3:150000")
+        err = proc.stderr_text
+        assert proc.returncode == 2, err[-3000:]
+        assert "writing the checkpoint at step 12 failed" in err and "step_000000008 is intact" in err
+        assert "no space left on device" in err or "write was cut short" in err
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000000004", "step_000000008"]
+        (out / "filler").unlink()
+        assert resume_and_compare("cgan", out, uninterrupted) == 8
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_disk_full_while_exporting_keeps_the_previous_export(uninterrupted, tmp_path):
+    """The export's own write failing for real (file-size limit) in a child process: the old export stays."""
     export = tmp_path / "pipeline"
     shutil.copytree(uninterrupted / "pipeline", export)
     before = load_safetensors_dir(export)
-    pipeline = CGANPipeline.from_pretrained(str(export))
-    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
-    with pytest.raises(RunDirError, match=f"no space left on device.*{export} is intact"):
-        save_pipeline(pipeline, export)
+    code = f"""
+import resource, signal
+from pipelines.pipeline_cgan import CGANPipeline
+from pipelines.training import RunDirError, save_pipeline
+pipeline = CGANPipeline.from_pretrained({str(export)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_pipeline(pipeline, {str(export)!r})
+except RunDirError as err:
+    print(err)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert f"file too large" in result.stdout and f"{export} is intact" in result.stdout, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]  # the partial copy is gone
     assert_same_tensors(load_safetensors_dir(export), before)
 
@@ -227,12 +472,11 @@ def test_launcher_files_are_valid_accelerate_configs(path):
 def test_multi_gpu_bf16_launcher_file_runs_two_processes_here(tmp_path):
     """The same file on this GPU-less machine: two gloo processes with bf16 autocast."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "multi_gpu_bf16.yaml"), "--num_processes", "2",
-           str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
-           "train.batch_size=16"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(tmp_path, ["--config_file", str(ROOT / "configs" / "accelerate" / "multi_gpu_bf16.yaml"),
+                               "--num_processes", "2"],
+                    [str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
+                     "train.batch_size=16"])
+    assert result.returncode == 0, result.report
     assert result.stdout.count("done: 8 steps") == 1
     assert (out / "pipeline" / "model_index.json").exists()
 

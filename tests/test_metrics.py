@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -18,7 +17,7 @@ from pipelines.metrics import (
     MetricsError, classifier_extractor, collapsed_classes, combined_score, extract, fid, inception_score, kid,
     per_class_report,
 )
-from trainer_utils import ROOT, run_script
+from trainer_utils import ROOT, launch, run_script
 
 SYNTH = DataConfig(name="synthetic", synthetic_size=600)
 
@@ -201,10 +200,9 @@ def test_eval_with_two_processes_gathers_exactly_n_and_matches_one(pipelines_dir
     common = [str(pipelines_dir / "cgan"), "--data", "synthetic", "--classifier", str(classifier_dir),
               "--num-per-class", "5", "--batch-size", "8"]
     assert run_eval(common + ["--out", str(tmp_path / "one")]) == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           str(ROOT / "eval.py"), *common, "--out", str(tmp_path / "two")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
+                    [str(ROOT / "eval.py"), *common, "--out", str(tmp_path / "two")])
+    assert result.returncode == 0, result.report
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (one["num_processes"], two["num_processes"], two["num_samples"]) == (1, 2, 50)

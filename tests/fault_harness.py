@@ -1,0 +1,138 @@
+"""Run a trainer in this process with a fault injected at an exact moment (test_faults.py starts it).
+
+    python tests/fault_harness.py FAULT SCRIPT [trainer arguments ...]
+
+FAULT is one of
+    log-writes:FILE           append the path of every file the run writes (safetensors, torch.save, JSON) to FILE
+    kill-at-write:K           SIGKILL this process in the middle of its K-th file write (the file is left half-written)
+    file-size-at-checkpoint:N:BYTES
+                              as the N-th checkpoint starts, limit every file to BYTES (RLIMIT_FSIZE): its
+                              first larger write fails as a real one does, with that library's own exception
+    fill-disk-at-checkpoint:N:BYTES
+                              as the N-th checkpoint starts, fill the output's filesystem up to BYTES free (ENOSPC)
+    slow:SECONDS              sleep after each logged step (the results are unchanged), to give a signal time to land
+
+Several faults may be given, separated by commas. The process writes its pid to `pid.RANK` in the
+working directory, so a test can signal one rank of a multi-process launch.
+
+The faults wrap the libraries' own write functions (safetensors' save_file, torch.save, the
+checkpoint's JSON state file), so the trainer runs unchanged and the moment is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import accelerate.utils.other
+import safetensors.torch
+import torch
+
+import pipelines.training
+from trainer_utils import load_script
+
+
+def wrap_writes(on_write) -> None:
+    """Call `on_write(path, write)` instead of each file write; `write()` does the real one."""
+
+    def wrapped(real, path_arg):
+        def write(*args, **kwargs):
+            path = args[path_arg] if len(args) > path_arg else kwargs.get("filename", kwargs.get("f"))
+            return on_write(str(path), lambda: real(*args, **kwargs))
+        return write
+
+    accelerate.utils.other.safe_save_file = wrapped(accelerate.utils.other.safe_save_file, 1)
+    safetensors.torch.save_file = wrapped(safetensors.torch.save_file, 1)
+    torch.save = wrapped(torch.save, 1)
+    real_fsync = pipelines.training.os.fsync
+
+    class TrackedOs:  # the checkpoint's state file ends with an fsync: count that as its write
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def fsync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            return on_write(path, lambda: real_fsync(fd))
+
+    pipelines.training.os = TrackedOs()
+
+
+def at_checkpoint(n: int, act) -> None:
+    """Call `act(output_dir)` just before the n-th checkpoint is written."""
+    real = pipelines.training.save_checkpoint
+    calls = [0]
+
+    def save_checkpoint(accelerator, output_dir, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            act(Path(output_dir))
+        return real(accelerator, output_dir, *args, **kwargs)
+
+    pipelines.training.save_checkpoint = save_checkpoint
+
+
+def install(fault: str) -> None:
+    kind, _, arg = fault.partition(":")
+    if kind == "slow":
+        real = pipelines.training.write_stats
+
+        def write_stats(*args, **kwargs):
+            real(*args, **kwargs)
+            time.sleep(float(arg))
+        pipelines.training.write_stats = write_stats
+    elif kind == "log-writes":
+        def log(path, write):
+            result = write()
+            with open(arg, "a") as f:
+                f.write(json.dumps(path) + "\n")
+            return result
+        wrap_writes(log)
+    elif kind == "kill-at-write":
+        count, target = [0], int(arg)
+
+        def kill(path, write):
+            result = write()
+            count[0] += 1
+            if count[0] == target:
+                size = os.path.getsize(path)
+                os.truncate(path, size // 2)  # as if the kill came halfway through this file
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        wrap_writes(kill)
+    elif kind == "file-size-at-checkpoint":
+        n, limit = (int(x) for x in arg.split(":"))
+
+        def limit_files(_):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        at_checkpoint(n, limit_files)
+    elif kind == "fill-disk-at-checkpoint":
+        n, leave = (int(x) for x in arg.split(":"))
+
+        def fill(root: Path):
+            stat = os.statvfs(root)
+            free = stat.f_bavail * stat.f_frsize
+            with open(root / "filler", "wb") as f:
+                f.truncate(0)
+                f.write(b"\0" * max(free - leave, 0))
+        at_checkpoint(n, fill)
+    else:
+        raise SystemExit(f"unknown fault {fault!r}")
+
+
+if __name__ == "__main__":
+    from pipelines.cli import run_cli
+    from pipelines.config import CGANConfig, DDPMConfig
+
+    faults, script, *argv = sys.argv[1:]
+    Path(f"pid.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+    for fault in faults.split(","):
+        install(fault)
+    module = load_script(script)
+    sys.exit(run_cli({"train_cgan": CGANConfig, "train_ddpm": DDPMConfig}[script], module.train, module.__doc__, argv))
