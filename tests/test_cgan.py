@@ -18,7 +18,10 @@ from pipelines.gan import GANStep, build_cgan, make_optimizers, paired_labels
 from pipelines.losses import gan_loss, gradient_penalty, mode_seeking_penalty
 from pipelines.models.cgan import class_feature_std
 from pipelines.training import NonFiniteGuard, list_checkpoints
-from trainer_utils import ROOT, assert_same_tensors, launch, load_safetensors_dir, run_script
+from trainer_utils import (
+    ROOT, assert_same_state, assert_same_tensors, checkpoint_state, launch, load_safetensors_dir, logged_steps,
+    run_script,
+)
 
 TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.base_channels=8", "model.latent_dim=16",
         "model.label_emb_dim=8", "train.batch_size=32", "train.epochs=2", "log.every_steps=4"]
@@ -207,11 +210,13 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted(finished_run, tmp_p
     shutil.copytree(finished_run, resumed)
     shutil.rmtree(resumed / "pipeline")
     shutil.rmtree(resumed / "checkpoints" / "step_000000016")  # as if killed during epoch 2
+    logged = len(logged_steps(resumed))
     assert run_script("train_cgan", CGANConfig, resumed, TINY + ["train.ema_decay=0.9"], "--resume", "latest") == 0
+    assert logged_steps(resumed)[logged:] == [12, 16]  # continued from step 8, ran steps 9-16 (logged every 4)
     assert_same_tensors(load_safetensors_dir(resumed / "pipeline"), load_safetensors_dir(finished_run / "pipeline"))
-    a = load_safetensors_dir(resumed / "checkpoints" / "step_000000016")
-    b = load_safetensors_dir(finished_run / "checkpoints" / "step_000000016")
-    assert_same_tensors(a, b)  # both networks and the EMA
+    # Both networks, both optimizers, the EMA and the RNG state.
+    assert_same_state(checkpoint_state(resumed / "checkpoints" / "step_000000016"),
+                      checkpoint_state(finished_run / "checkpoints" / "step_000000016"))
 
 
 def test_existing_run_dir_is_not_overwritten_without_asking(finished_run, capsys):

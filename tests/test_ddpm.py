@@ -18,7 +18,10 @@ from pipelines.diffusion import build_noise_scheduler
 from pipelines.models.unet import build_unet
 from pipelines.plots import denoising_strip
 from pipelines.training import list_checkpoints
-from trainer_utils import ROOT, assert_same_tensors, launch, load_safetensors_dir, run_script
+from trainer_utils import (
+    ROOT, assert_same_state, assert_same_tensors, checkpoint_state, launch, load_safetensors_dir, logged_steps,
+    run_script,
+)
 
 TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.block_out_channels=[8,16]",
         "model.attention=[false,true]", "model.layers_per_block=1", "model.norm_num_groups=4",
@@ -241,11 +244,14 @@ def test_resume_equals_uninterrupted_ema_included(finished_run, tmp_path):
     shutil.copytree(finished_run, resumed)
     shutil.rmtree(resumed / "pipeline")
     shutil.rmtree(resumed / "checkpoints" / "step_000000016")
+    logged = len(logged_steps(resumed))
     assert run_script("train_ddpm", DDPMConfig, resumed, TINY, "--resume", "latest") == 0
+    assert logged_steps(resumed)[logged:] == [12, 16]  # continued from step 8, ran steps 9-16 (logged every 4)
     # The exported U-Net holds the EMA weights, so equality covers the EMA as well as the live weights.
     assert_same_tensors(load_safetensors_dir(resumed / "pipeline"), load_safetensors_dir(finished_run / "pipeline"))
-    assert_same_tensors(load_safetensors_dir(resumed / "checkpoints" / "step_000000016"),
-                        load_safetensors_dir(finished_run / "checkpoints" / "step_000000016"))
+    # The U-Net, AdamW, the LR schedule, the EMA, the noise generator and the RNG state.
+    assert_same_state(checkpoint_state(resumed / "checkpoints" / "step_000000016"),
+                      checkpoint_state(finished_run / "checkpoints" / "step_000000016"))
 
 
 @pytest.mark.parametrize("options", [
