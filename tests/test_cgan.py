@@ -278,8 +278,11 @@ def test_accelerate_launch_runs_the_script(tmp_path):
     assert list((out / "wandb").glob("offline-run-*")), "an offline W&B run is written locally"
 
 
+@pytest.mark.slow  # the fast suite trains the cGAN on 2 processes in test_faults.py's SIGTERM test
 def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(tmp_path):
-    """DDP on CPU (gloo): the global batch is split, files are written once, the loss curve matches."""
+    """DDP on CPU (gloo): the global batch is split, files are written once, the loss curve matches.
+
+    Not weight for weight: BatchNorm normalises each process's half batch by its own statistics."""
     common = [*TINY, "train.epochs=1", "log.every_steps=1", "log.wandb=disabled"]
     one = tmp_path / "one"
     assert run_script("train_cgan", CGANConfig, one, common + ["train.batch_size=32"]) == 0

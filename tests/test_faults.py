@@ -43,8 +43,9 @@ def harness(family, out, fault, *extra, wait=True):
     return proc
 
 
-# The DDPM's final pictures make each of its runs slow here: one kill case in the fast suite.
-SLOW_KILLS = {("ddpm", "the export"), ("ddpm", "random")}
+# The DDPM's final pictures make each of its runs slow here: its kill cases run in the slow suite (the fast
+# one resumes the DDPM mid-run in test_ddpm.py and reads its checkpoint files below).
+SLOW_KILLS = {("ddpm", "a later checkpoint"), ("ddpm", "the export"), ("ddpm", "random")}
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +204,7 @@ def wait_for_steps(out, proc, steps, timeout=180):
     pytest.fail(f"the run did not log {steps} steps (exit code {proc.poll()})")
 
 
+@pytest.mark.parametrize("reference", ["cgan", pytest.param("ddpm", marks=pytest.mark.slow)], indirect=True)
 def test_sigterm_writes_the_only_checkpoint_and_the_run_continues_from_it(reference, tmp_path):
     """With no step or time checkpoint due, the checkpoint SIGTERM writes is the only one there is."""
     family, reference_out, _ = reference
