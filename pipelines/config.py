@@ -395,7 +395,7 @@ def _at_least(section: Any, key: str, prefix: str, low: float) -> None:
 
 
 def _image_shape_options(model: Any) -> None:
-    """`model.channels` / the size field, when given, must describe an image (they are checked against the data later)."""
+    """`model.channels` and the image size, when given, must describe an image (checked against the data later)."""
     if model.channels is not None and model.channels not in (1, 3):
         raise ConfigError(f"model.channels={model.channels}: valid choices are 1, 3 or null (taken from the data)")
     size_key = "image_size" if hasattr(model, "image_size") else "sample_size"

@@ -53,7 +53,7 @@ class DiffusionStep:
     _alphas_cumprod: Optional[torch.Tensor] = None
 
     def _draw(self, draw, size: int, *shape, **kwargs) -> torch.Tensor:
-        """`draw` for the global batch, this process's rows of it."""
+        """`draw` for the global batch, this process's rows of it (N x the random numbers: cheap next to the U-Net)."""
         acc = self.accelerator
         full = draw((size * acc.num_processes, *shape), generator=self.generator, device=self.generator.device,
                     **kwargs)

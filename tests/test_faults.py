@@ -101,12 +101,13 @@ def write_moments(writes, seed, count):
     """Kill moments (1-based write numbers): the first write of the second checkpoint, the export's weights,
     and `count` more drawn with `seed`."""
     rng = random.Random(seed)
-    return {"a later checkpoint": next(i for i, w in enumerate(writes, 1) if ".tmp-step_" in w and "_000000004" not in w),
-            "the export": next(i for i, w in enumerate(writes, 1) if "/.tmp-pipeline/" in w),
+    numbered = list(enumerate(writes, 1))
+    return {"a later checkpoint": next(i for i, w in numbered if ".tmp-step_" in w and "_000000004" not in w),
+            "the export": next(i for i, w in numbered if "/.tmp-pipeline/" in w),
             "random": rng.sample(range(1, len(writes) + 1), count)}
 
 
-def kill_at_write_then_resume(reference, tmp_path, moment):
+def check_kill_at_write_then_resume(reference, tmp_path, moment):
     family, reference_out, writes = reference
     out = tmp_path / f"killed-{moment}"
     proc = harness(family, out, f"kill-at-write:{moment}")
@@ -129,7 +130,7 @@ KILL_CASES = [pytest.param(family, pick, marks=[pytest.mark.slow] if (family, pi
 def test_kill_9_during_a_write_then_resume_continues_exactly(reference, tmp_path, pick):
     family, _, writes = reference
     moment = write_moments(writes, seed=0, count=1)[pick]
-    killed_in = kill_at_write_then_resume(reference, tmp_path, moment[0] if pick == "random" else moment)
+    killed_in = check_kill_at_write_then_resume(reference, tmp_path, moment[0] if pick == "random" else moment)
     if pick != "random":
         assert {"a later checkpoint": "/.tmp-step_", "the export": "/.tmp-pipeline/"}[pick] in killed_in
 
@@ -139,7 +140,7 @@ def test_kill_9_during_a_write_then_resume_continues_exactly(reference, tmp_path
 def test_kill_9_at_many_seeded_write_moments(reference, tmp_path, seed):
     _, _, writes = reference
     for moment in write_moments(writes, seed=100 + seed, count=4)["random"]:
-        kill_at_write_then_resume(reference, tmp_path, moment)
+        check_kill_at_write_then_resume(reference, tmp_path, moment)
 
 
 @pytest.mark.slow
@@ -390,7 +391,8 @@ def test_two_processes_agree_on_time_based_checkpoints(tmp_path):
     out = tmp_path / "two"
     result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
                     [str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
-                     "train.batch_size=16", "log.every_steps=3", "checkpoint.every_minutes=1e-9", "checkpoint.keep=100"])
+                     "train.batch_size=16", "log.every_steps=3", "checkpoint.every_minutes=1e-9",
+                     "checkpoint.keep=100"])
     assert result.returncode == 0, result.report
     assert [p.name for p in list_checkpoints(out)] == ["step_000000003", "step_000000006", "step_000000008"]
 
