@@ -254,6 +254,24 @@ def test_resume_equals_uninterrupted_ema_included(finished_run, tmp_path):
                       checkpoint_state(finished_run / "checkpoints" / "step_000000016"))
 
 
+def test_a_checkpoint_without_the_noise_generator_still_resumes_and_says_so(finished_run, tmp_path, caplog):
+    """Checkpoints written before the training noise had its own generator: they resume, with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(finished_run, resumed)
+    shutil.rmtree(resumed / "pipeline")
+    shutil.rmtree(resumed / "checkpoints" / "step_000000016")
+    extra = resumed / "checkpoints" / "step_000000008" / "extra.safetensors"
+    tensors = load_file(str(extra))
+    del tensors["noise_rng"]
+    save_file(tensors, str(extra))
+    with caplog.at_level("WARNING", logger="pipelines"):
+        assert run_script("train_ddpm", DDPMConfig, resumed, TINY, "--resume", "latest") == 0
+    assert "holds no training-noise generator state" in caplog.text
+    assert logged_steps(resumed)[-2:] == [12, 16]
+
+
 @pytest.mark.parametrize("options", [
     ["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5.0", "diffusion.beta_schedule=squaredcos_cap_v2",
      "optim.schedule=onecycle", "train.gradient_accumulation_steps=2", "diffusion.label_dropout=0"],
