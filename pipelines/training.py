@@ -93,8 +93,9 @@ def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
         log_with="wandb" if wandb_mode(cfg.log, warn=False) != "disabled" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
     )
-    # seed + process index: each process draws its own noise (DDP broadcasts rank 0's initial weights,
-    # and the data order comes from the loader's own generator, shared by all processes).
+    # seed + process index: each process draws its own noise from the global generators (the cGAN's codes);
+    # DDP broadcasts rank 0's initial weights, and the data order and the DDPM's training noise come from
+    # generators of their own, seeded alike on every process.
     set_seed(cfg.seed, device_specific=True)
     return accelerator
 
