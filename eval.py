@@ -59,7 +59,7 @@ def evaluate_main(argv: list[str]) -> int:
 
     from pipelines.evaluation import evaluate
 
-    from pipelines.training import multi_cpu
+    from pipelines.run import multi_cpu
 
     accelerator = Accelerator(cpu=multi_cpu(), log_with="wandb" if args.wandb != "disabled" else None)
     path = Path(args.path)
@@ -158,7 +158,7 @@ def set_default_main(argv: list[str]) -> int:
                    help="compare the evaluations of this many samples (default: the most common count)")
     args = p.parse_args(argv)
 
-    from pipelines.evaluation import choose_default_sampler
+    from pipelines.exports import choose_default_sampler
 
     result = choose_default_sampler(Path(args.run), args.tolerance, args.num_samples)
     print(f"default sampler: {result['chosen']} (FID {result['fid']:.4g}, best {result['best_fid']:.4g}, "

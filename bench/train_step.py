@@ -1,8 +1,9 @@
 """Training throughput of each trainer's real step next to its ceiling, on this machine.
 
-OURS: the code path `train_*.py` runs (BatchLoader batches, accelerate, `GANStep` / `DiffusionStep`,
-EMA, the non-finite guard). CEILING: the same model's bare forward + backward + optimizer step on
-one batch already in memory, in a tight loop. Both run for the same number of timed steps after
+OURS: the code path `train_*.py` runs, built by the same builders (`Run.build` and the family):
+BatchLoader batches, accelerate, `GANStep` / `DiffusionStep` with the trainer's optimizers, EMA, the
+non-finite guard. CEILING: the same model's bare forward + backward + optimizer step on one batch
+already in memory, in a tight loop. Both run for the same number of timed steps after
 warm-up; the table shows images/s and ours / ceiling.
 
     python bench/train_step.py                                   # the two CPU demo recipes
@@ -13,22 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from common import add_trainer_args, device_name, machine_line
 
 from pipelines.config import CGANConfig, DDPMConfig, load_config
-from pipelines.data import BatchLoader, load_tensors
-from pipelines.diffusion import DiffusionStep, build_lr_schedule, build_noise_scheduler
-from pipelines.gan import GANStep, build_cgan, make_optimizers
+from pipelines.diffusion import DDPM
+from pipelines.gan import CGAN
 from pipelines.losses import gan_loss
-from pipelines.models.unet import build_unet
-from pipelines.training import NonFiniteGuard, apply_speed_options, make_ema
+from pipelines.run import Run, make_accelerator
 
 
 def timed(fn, steps: int, warmup: int) -> float:
@@ -44,40 +44,33 @@ def timed(fn, steps: int, warmup: int) -> float:
     return time.perf_counter() - start
 
 
-def loader_for(cfg, accelerator) -> BatchLoader:
-    data = load_tensors(cfg.data)
-    return BatchLoader(data, cfg.train.batch_size, cfg.seed, pad_to=cfg.data.pad_to, hflip=cfg.data.hflip,
-                       device=accelerator.device)
+def build(family_type, config_cls, path: str, overrides: tuple):
+    """The family exactly as `train_*.py` builds it (data on the device, accelerate, EMA, the guard)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-"))  # the run writes nothing there, but it needs an output_dir
+    cfg = load_config(config_cls, path, [*overrides, "log.wandb=disabled", f"output_dir={out}"])
+    AcceleratorState._reset_state(True)
+    run = Run.build(cfg, make_accelerator(cfg, out), out)
+    return cfg, run, family_type(run)
 
 
-def batches(loader: BatchLoader):
+def batches(run: Run):
     epoch = 0
     while True:
-        yield from loader.epoch(epoch)
+        yield from run.loader.epoch(epoch)
         epoch += 1
 
 
 def bench_cgan(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dict:
-    cfg = load_config(CGANConfig, path, list(overrides))
-    AcceleratorState._reset_state(True)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    loader = loader_for(cfg, acc)
-    c, s, _ = loader.image_shape
-    g, d = build_cgan(cfg, loader.data.num_classes, c, s)
-    apply_speed_options(cfg, g, d)
-    opt_g, opt_d = make_optimizers(cfg, g, d, acc.device)
-    g, d, opt_g, opt_d = acc.prepare(g, d, opt_g, opt_d)
-    ema = make_ema(acc.unwrap_model(g), cfg.train.ema_decay, acc.device)
-    step_fn = GANStep(acc, g, d, opt_g, opt_d, gan_loss(cfg.loss.name), cfg.loss.gp_weight, cfg.loss.critic_steps,
-                      NonFiniteGuard(10), ema, mode_seeking=cfg.loss.mode_seeking)
-    it = batches(loader)
+    cfg, run, gan = build(CGAN, CGANConfig, path, overrides)
+    it = batches(run)
     counter = iter(range(10**9))
-    ours = timed(lambda: step_fn(next(counter), *next(it)), steps, warmup)
+    ours = timed(lambda: gan.train_step(next(counter), [next(it)], measure_grads=False), steps, warmup)
 
     # Ceiling: one fixed batch, plain PyTorch, the same losses and both updates.
     real, labels = next(it)
     loss = gan_loss(cfg.loss.name)
-    gen, disc = acc.unwrap_model(g), acc.unwrap_model(d)
+    gen, disc = gan.model, run.accelerator.unwrap_model(gan.discriminator)
+    opt_g, opt_d = gan.opt_g, gan.opt_d
 
     def bare() -> None:
         fake = gen(torch.randn(real.shape[0], cfg.model.latent_dim, device=real.device), labels)
@@ -95,29 +88,16 @@ def bench_cgan(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dic
 
 
 def bench_ddpm(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dict:
-    cfg = load_config(DDPMConfig, path, list(overrides))
-    AcceleratorState._reset_state(True)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    loader = loader_for(cfg, acc)
-    c, s, _ = loader.image_shape
-    unet = build_unet(cfg.model, loader.data.num_classes, c, s, null_class=cfg.diffusion.label_dropout > 0)
-    apply_speed_options(cfg, unet)
-    noise_scheduler = build_noise_scheduler(cfg.diffusion)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr)
-    sched = build_lr_schedule(opt, cfg.optim, 10**6, 1)
-    unet, opt, sched = acc.prepare(unet, opt, sched)
-    ema = make_ema(acc.unwrap_model(unet), cfg.train.ema_decay, acc.device)
-    step_fn = DiffusionStep(acc, unet, opt, sched, noise_scheduler, cfg.diffusion, loader.data.num_classes,
-                            cfg.optim.max_grad_norm, NonFiniteGuard(10), torch.Generator(acc.device).manual_seed(0),
-                            ema)
-    it = batches(loader)
-    ours = timed(lambda: step_fn(*next(it)), steps, warmup)
+    cfg, run, ddpm = build(DDPM, DDPMConfig, path, overrides)
+    it = batches(run)
+    ours = timed(lambda: ddpm.train_step(0, [next(it)], measure_grads=False), steps, warmup)
 
+    # Ceiling: the same U-Net and optimizer on one fixed noised batch, plain PyTorch.
     x0, labels = next(it)
-    model = acc.unwrap_model(unet)
+    model, opt = ddpm.model, ddpm.optimizer
     t = torch.randint(0, cfg.diffusion.num_train_timesteps, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
-    x_t = noise_scheduler.add_noise(x0, noise, t)
+    x_t = ddpm.noise_scheduler.add_noise(x0, noise, t)
 
     def bare() -> None:
         loss = F.mse_loss(model(x_t, t, class_labels=labels).sample, noise)
@@ -144,8 +124,8 @@ def main() -> None:
                    help="overrides for the diffusion model alone, e.g. train.mixed_precision=bf16")
     p.add_argument("--json")
     args = p.parse_args()
-    rows = [bench_cgan(args.cgan, args.steps, args.warmup, args.set),
-            bench_ddpm(args.ddpm, args.steps, args.warmup, args.set + args.ddpm_set)]
+    rows = [bench_cgan(args.cgan, args.steps, args.warmup, tuple(args.set)),
+            bench_ddpm(args.ddpm, args.steps, args.warmup, tuple(args.set + args.ddpm_set))]
     device = device_name()
     print(machine_line(" ".join(args.set + [f"(ddpm: {' '.join(args.ddpm_set)})"] * bool(args.ddpm_set))))
     print(f"{'trainer':8} {'config':32} {'batch':>5} {'ours s/step':>12} {'bare s/step':>12} {'ours img/s':>11} "

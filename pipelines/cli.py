@@ -11,7 +11,7 @@ import yaml
 
 from .config import ConfigError, load_config, to_dict
 from .data import DataError
-from .training import RunDirError
+from .rundir import RunDirError
 
 # Errors the user can fix: one clear line, no traceback.
 USER_ERRORS = (ConfigError, DataError, RunDirError, FloatingPointError)

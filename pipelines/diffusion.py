@@ -1,21 +1,41 @@
-"""Conditional-diffusion training pieces used by `train_ddpm.py`: noise scheduler, LR schedule, one step."""
+"""The conditional-diffusion family (`train_ddpm.py`): U-Net, noise and LR schedules, one step, its pictures.
+
+`DDPM` is what `trainer.fit` trains; the rest are its parts, usable on their own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
-from diffusers import DDPMScheduler
+from accelerate import Accelerator
+from diffusers import DDIMScheduler, DDPMScheduler
 
-from .config import DDPMOptimConfig, DiffusionConfig
-from .losses import diffusion_loss, min_snr_weights
-from .training import NonFiniteGuard
+from . import pipeline_ddpm
+from .checkpoints import generator_state, load_generator_state
+from .config import ConfigError, DDPMOptimConfig, DiffusionConfig
+from .ema import make_ema
+from .grids import save_grid
+from .losses import DiffusionObjective, ShardedDraw
+from .loop import NonFiniteGuard
+from .models.unet import build_unet
+from .pipeline_ddpm import ClassConditionalDiffusionPipeline
+from .plots import denoising_strip, plot_losses, plot_schedule
+from .run import Run, apply_speed_options
+from .tracking import log_image
 
 
 def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                          prediction_type=cfg.prediction_type)
+
+
+def build_optimizer(unet: torch.nn.Module, cfg: DDPMOptimConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel is one launch for all parameters; it exists on CUDA.
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: DDPMOptimConfig, total_steps: int, num_processes: int):
@@ -29,56 +49,33 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: DDPMOptimConfig, to
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps * num_processes, num_training_steps=total)
 
 
-@dataclass
-class DiffusionStep:
-    """One micro-batch of the noise-prediction objective; the optimizer steps when accumulation is complete.
+def diffusion_objective(cfg: DiffusionConfig, noise_scheduler: DDPMScheduler, num_classes: int) -> DiffusionObjective:
+    return DiffusionObjective(scheduler=noise_scheduler, num_classes=num_classes, label_dropout=cfg.label_dropout,
+                              prediction_type=cfg.prediction_type, snr_gamma=cfg.snr_gamma)
 
-    The noise, timesteps and label dropout are drawn for the whole global batch from `generator`
-    (seeded alike on every process) and each process keeps its own rows, the rows its data shard
-    holds: N processes of batch B then train exactly as one process of batch N x B does.
+
+@dataclass(kw_only=True)
+class DiffusionStep:
+    """One micro-batch of the objective; the optimizer steps when accumulation is complete.
+
     Returns detached tensors (no host sync) so the caller reads them only at logging time.
     """
 
-    accelerator: object
+    accelerator: Accelerator
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_schedule: object
-    noise_scheduler: DDPMScheduler
-    cfg: DiffusionConfig
-    num_classes: int
-    max_grad_norm: Optional[float]
+    objective: DiffusionObjective
+    draw: ShardedDraw  # the training noise: see ShardedDraw for why it is drawn for the global batch
     guard: NonFiniteGuard
-    generator: torch.Generator
+    max_grad_norm: Optional[float] = 1.0
     ema: Optional[object] = None
-    _alphas_cumprod: Optional[torch.Tensor] = None
-
-    def _draw(self, draw, size: int, *shape, **kwargs) -> torch.Tensor:
-        """`draw` for the global batch, this process's rows of it (N x the random numbers: cheap next to the U-Net)."""
-        acc = self.accelerator
-        full = draw((size * acc.num_processes, *shape), generator=self.generator, device=self.generator.device,
-                    **kwargs)
-        return full[acc.process_index * size: (acc.process_index + 1) * size]
 
     def __call__(self, x0: torch.Tensor, labels: torch.Tensor) -> dict:
-        acc, cfg = self.accelerator, self.cfg
+        acc = self.accelerator
         metrics: dict = {}
         with acc.accumulate(self.unet):
-            b = x0.shape[0]
-            noise = self._draw(torch.randn, b, *x0.shape[1:], dtype=x0.dtype)
-            t = self._draw(lambda shape, **kw: torch.randint(0, cfg.num_train_timesteps, shape, **kw), b)
-            if cfg.label_dropout > 0:
-                drop = self._draw(torch.rand, b) < cfg.label_dropout
-                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-            x_t = self.noise_scheduler.add_noise(x0, noise, t)
-            target = noise if cfg.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
-            prediction = self.unet(x_t, t, class_labels=labels).sample
-            weights = None
-            if cfg.snr_gamma is not None:
-                if self._alphas_cumprod is None:  # moved to the device once, not every step
-                    self._alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(x0.device)
-                abar = self._alphas_cumprod[t]
-                weights = min_snr_weights(abar / (1 - abar), cfg.snr_gamma, cfg.prediction_type)
-            loss = diffusion_loss(prediction, target, weights)
+            loss = self.objective(self.unet, x0, labels, self.draw)
             metrics["loss"] = loss.detach()
             if not self.guard.ok(loss):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -92,3 +89,84 @@ class DiffusionStep:
         if acc.sync_gradients and self.ema is not None:
             self.ema.step(acc.unwrap_model(self.unet).parameters())
         return metrics
+
+
+class DDPM:
+    """The conditional DDPM as a `trainer.Family`: the U-Net, AdamW and its LR schedule, EMA, the step,
+    and the exported pipeline (DDIM by default), which draws every grid."""
+
+    name = "ddpm"
+    grid_per_class = 8
+    progress_keys = ("loss",)
+    # Exports carry the pipeline's own source, so stock diffusers can load them (trust_remote_code).
+    extra_files = {"pipeline.py": Path(pipeline_ddpm.__file__)}
+
+    def __init__(self, run: Run):
+        cfg, acc, data = run.cfg, run.accelerator, run.data
+        if cfg.log.showcase_class >= data.num_classes:
+            raise ConfigError(f"log.showcase_class={cfg.log.showcase_class}: the data has {data.num_classes} classes "
+                              f"(valid: 0..{data.num_classes - 1})")
+        guidance = cfg.diffusion.label_dropout > 0
+        unet = build_unet(cfg.model, data.num_classes, *run.image_shape, null_class=guidance)
+        apply_speed_options(cfg, unet)
+        self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
+        optimizer = build_optimizer(unet, cfg.optim, run.device)
+        lr_schedule = build_lr_schedule(optimizer, cfg.optim, run.total_steps, acc.num_processes)
+        self.unet, self.optimizer, self.lr_schedule = acc.prepare(unet, optimizer, lr_schedule)
+        self.model = acc.unwrap_model(self.unet)
+        self.ema = make_ema(self.model, cfg.train.ema_decay, run.device)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        # One generator for the training noise, seeded alike on every process.
+        self.noise_rng = torch.Generator(run.device).manual_seed(cfg.seed)
+        self.step = DiffusionStep(
+            accelerator=acc, unet=self.unet, optimizer=self.optimizer, lr_schedule=self.lr_schedule,
+            objective=diffusion_objective(cfg.diffusion, self.noise_scheduler, data.num_classes),
+            draw=ShardedDraw(generator=self.noise_rng, process_index=acc.process_index,
+                             num_processes=acc.num_processes),
+            guard=self.guard, max_grad_norm=cfg.optim.max_grad_norm, ema=self.ema)
+        self.sample_kwargs = dict(num_inference_steps=cfg.diffusion.sample_steps,
+                                  guidance_scale=cfg.diffusion.sample_guidance if guidance else 1.0)
+        self.pipeline = ClassConditionalDiffusionPipeline(
+            unet=self.model, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+            class_names=data.class_names, image_size=data.image_size, num_classes=data.num_classes,
+            default_steps=cfg.diffusion.sample_steps, default_guidance=self.sample_kwargs["guidance_scale"],
+            default_guidance_interval=cfg.diffusion.sample_guidance_interval)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.run = run
+
+    def train_step(self, step: int, micro_batches: list, measure_grads: bool) -> dict[str, torch.Tensor]:
+        for x0, labels in micro_batches:
+            metrics = self.step(x0, labels)
+        return metrics  # the last micro-batch's: grad_norm exists only where the gradients were synced
+
+    def scalars(self) -> dict[str, float]:
+        return {"lr": self.lr_schedule.get_last_lr()[0]}
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        return generator_state(self.noise_rng)
+
+    def restore(self, extra: dict[str, torch.Tensor], checkpoint: Path) -> None:
+        load_generator_state(self.noise_rng, extra, checkpoint)
+
+    def sample(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        generator = torch.Generator(self.run.device).manual_seed(seed)
+        return self.pipeline(labels, generator=generator, output_type="pt", **self.sample_kwargs).images
+
+    def grid_images(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.sample(labels, self.run.cfg.seed)
+
+    def final_pictures(self, step: int) -> None:
+        """Noise schedule, loss curve, one sample per class, many of one class, and a denoising strip."""
+        run, acc, data, seed = self.run, self.run.accelerator, self.run.data, self.run.cfg.seed
+        pictures = {"noise_schedule": plot_schedule(self.noise_scheduler, run.out / "noise_schedule.png"),
+                    "loss_curve": plot_losses(run.out / "stats.jsonl", ["loss"], run.out / "loss_curve.png")}
+        for name, path in pictures.items():
+            log_image(acc, name, path, step)
+        save_grid(acc, self.sample(torch.arange(data.num_classes), seed + 1), data.num_classes,
+                  run.out / "one_per_class.png", "one_per_class", step)
+        showcase = run.cfg.log.showcase_class
+        save_grid(acc, self.sample(torch.full((64,), showcase), seed + 2), 8, run.out / f"class_{showcase}_samples.png",
+                  "one_class", step, data.class_names[showcase])
+        strip = denoising_strip(self.pipeline, data.num_classes, run.cfg.diffusion.sample_steps, 6, seed,
+                                guidance_scale=self.sample_kwargs["guidance_scale"])
+        save_grid(acc, strip, 6, run.out / "denoising_strip.png", "denoising_strip", step)

@@ -14,53 +14,14 @@ import yaml
 
 from .config import DataConfig, config_from_dict
 from .data import ImageTensors, load_tensors
+from .exports import load_pipeline, save_pipeline
+from .grids import save_class_grid
 from .metrics import (
     FeatureExtractor, classifier_extractor, collapsed_classes, combined_score, extract, fid, inception_extractor,
     inception_score, kid, lpips_status, mean_lpips, per_class_report,
 )
 
-SCHEDULERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler",
-}
 REPO_CLASSIFIERS = Path(__file__).resolve().parents[1] / "classifiers"
-
-
-def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
-    """A `CGANPipeline` or `ClassConditionalDiffusionPipeline` from an export folder (or a run's `pipeline/`)."""
-    from .pipeline_cgan import CGANPipeline
-    from .pipeline_ddpm import ClassConditionalDiffusionPipeline
-
-    path = Path(path)
-    if (path / "pipeline" / "model_index.json").is_file():
-        path = path / "pipeline"
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{path} is not an exported pipeline (no model_index.json) nor a run directory")
-    try:
-        kind = json.loads(index.read_text())["_class_name"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{index} is malformed ({err})") from None
-    classes = {"CGANPipeline": CGANPipeline, "ClassConditionalDiffusionPipeline": ClassConditionalDiffusionPipeline}
-    if kind not in classes:
-        raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")
-    try:
-        # use_safetensors: never fall back to a pickled .bin, even one that weights_only would accept.
-        pipe = classes[kind].from_pretrained(str(path), use_safetensors=True)
-    except Exception as err:  # diffusers/safetensors raise many kinds for a damaged folder
-        raise ValueError(f"{path} cannot be loaded as a {kind} ({type(err).__name__}: {err}); the export may be "
-                         "truncated or corrupt: export it again from the run's checkpoints") from None
-    if scheduler is not None:
-        if kind == "CGANPipeline":
-            raise ValueError("--scheduler applies to diffusion pipelines only; this is a cGAN")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler {scheduler!r}: valid choices are {', '.join(SCHEDULERS)}")
-        import diffusers
-
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run_data_config(pipeline_path: Path) -> Optional[DataConfig]:
@@ -224,14 +185,6 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor, class_names: list[s
         Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(target / f"{i:06d}.png")
 
 
-def save_class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10) -> None:
-    from torchvision.utils import save_image
-
-    rows = [images[labels == k][:per_class] for k in range(num_classes)]
-    grid = torch.cat(rows).float() / 255
-    save_image(grid, str(path), nrow=per_class, padding=2, pad_value=1.0)
-
-
 class TrainingEvaluator:
     """FID during training: scores the live pipeline every `eval.every_epochs` and keeps the best export.
 
@@ -261,7 +214,7 @@ class TrainingEvaluator:
         return value > self.best["value"] if self.cfg.metric == "accuracy" else value < self.best["value"]
 
     def __call__(self, epoch: int, step: int) -> dict:
-        from .training import save_pipeline, write_stats
+        from .tracking import write_stats
 
         pipeline = self.pipeline
         with self.inference():
@@ -302,46 +255,3 @@ def reference_baselines(data_cfg: DataConfig, num_per_class: int, classifier: Op
         result[name] = score(images, train.labels, test, extractor, with_lpips=False, real_feats=real_feats)
         result[name].update(info, num_per_class=num_per_class)
     return result
-
-
-def choose_default_sampler(run: Path, tolerance: float = 0.1, num_samples: Optional[int] = None) -> dict:
-    """Make the fastest evaluated sampler whose FID is within `tolerance` of the best the export's default.
-
-    Reads the run's `eval/*/metrics.json` of diffusion samplers at `num_samples` (default: the most common count),
-    then rewrites `pipeline/` (atomically) with that scheduler, step count, guidance scale and interval.
-    """
-    import diffusers
-
-    from .training import save_pipeline
-
-    results = [json.loads(p.read_text()) for p in sorted((run / "eval").glob("*/metrics.json"))]
-    results = [r for r in results if r.get("sampler", {}).get("scheduler") and "num_inference_steps" in r["sampler"]]
-    if not results:
-        raise FileNotFoundError(f"{run}/eval has no diffusion sampler evaluations; run eval.py with --scheduler, "
-                                "--steps and --guidance first")
-    counts = [r["num_samples"] for r in results]
-    if num_samples is not None and num_samples not in counts:
-        raise ValueError(f"no sampler evaluation of {num_samples} samples in {run}/eval; evaluated: "
-                         f"{', '.join(map(str, sorted(set(counts))))}")
-    n = num_samples or max(set(counts), key=counts.count)
-    results = [r for r in results if r["num_samples"] == n]
-    best = min(r["fid"] for r in results)
-    within = [r for r in results if r["fid"] <= (1 + tolerance) * best]
-    chosen = min(within, key=lambda r: r["seconds_per_image"])
-    sampler = chosen["sampler"]
-    pipe = load_pipeline(run)
-    pipe.scheduler = getattr(diffusers, sampler["scheduler"]).from_config(pipe.scheduler.config)
-    pipe.register_to_config(default_steps=sampler["num_inference_steps"],
-                            default_guidance=sampler.get("guidance_scale", 1.0),
-                            default_guidance_interval=sampler.get("guidance_interval"))
-    folder = run / "pipeline" if (run / "pipeline").is_dir() else run
-    extra = {"pipeline.py": folder / "pipeline.py"} if (folder / "pipeline.py").is_file() else None
-    if extra:  # save_pipeline replaces the folder: keep the copy of the pipeline source outside it first
-        keep = run / ".pipeline.py.keep"
-        keep.write_bytes(extra["pipeline.py"].read_bytes())
-        extra = {"pipeline.py": keep}
-    save_pipeline(pipe, folder, extra_files=extra)
-    if extra:
-        extra["pipeline.py"].unlink()
-    return {"chosen": sampler, "fid": chosen["fid"], "best_fid": best, "seconds_per_image": chosen["seconds_per_image"],
-            "num_samples": n, "tolerance": tolerance}

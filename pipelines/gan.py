@@ -1,16 +1,25 @@
-"""Conditional-GAN training pieces used by `train_cgan.py`: building the pair, one training step, grids."""
+"""The conditional-GAN family (`train_cgan.py`): building G and D, one training step, its pictures.
+
+`CGAN` is what `trainer.fit` trains; the rest are its parts, usable on their own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import Accelerator
 
 from .config import DEFAULT_GAN_LR, CGANConfig, ConfigError
-from .losses import GANLoss, gradient_penalty, mode_seeking_penalty
+from .ema import make_ema
+from .grids import save_grid
+from .losses import GANLoss, gan_loss, gradient_penalty, mode_seeking_penalty
+from .loop import NonFiniteGuard
 from .models.cgan import CGANDiscriminator, CGANGenerator
-from .training import NonFiniteGuard
+from .pipeline_cgan import CGANPipeline
+from .run import Run, apply_speed_options
 
 
 def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
@@ -50,21 +59,21 @@ def paired_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:half], labels[:half], labels[2 * half:]])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GANStep:
     """One discriminator update, and a generator update every `critic_steps` calls.
 
     Returns detached tensors (no host sync) so the caller reads them only at logging time.
     """
 
-    accelerator: object
+    accelerator: Accelerator
     generator: torch.nn.Module
     discriminator: torch.nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     loss: GANLoss
-    gp_weight: float
-    critic_steps: int
+    gp_weight: float = 10.0
+    critic_steps: int = 1
     guard: NonFiniteGuard
     ema: Optional[object] = None
     mode_seeking: float = 0.0  # MSGAN weight; > 0 gives both halves of the fake batch the same labels
@@ -138,3 +147,57 @@ def class_interpolation(generator: CGANGenerator, num_classes: int, steps: int, 
     rows = [(1 - w) * table[k] + w * table[(k + 1) % num_classes] for k in range(num_classes)]
     embeddings = torch.cat(rows)
     return generator(z.expand(embeddings.shape[0], -1), label_embeddings=embeddings)
+
+
+class CGAN:
+    """The conditional GAN as a `trainer.Family`: G, D, their Adam optimizers, G's EMA, the step, the pipeline."""
+
+    name = "cgan"
+    grid_per_class = 10  # report A's 10x10 grid
+    progress_keys = ("loss_d", "loss_g")
+    extra_files: dict[str, Path] = {}
+    sample_kwargs: dict = {}
+
+    def __init__(self, run: Run):
+        cfg, acc = run.cfg, run.accelerator
+        channels, size = run.image_shape
+        generator, discriminator = build_cgan(cfg, run.data.num_classes, channels, size)
+        apply_speed_options(cfg, generator, discriminator)
+        opt_g, opt_d = make_optimizers(cfg, generator, discriminator, run.device)
+        self.generator, self.discriminator, self.opt_g, self.opt_d = acc.prepare(generator, discriminator,
+                                                                                 opt_g, opt_d)
+        self.model = acc.unwrap_model(self.generator)
+        self.ema = make_ema(self.model, cfg.train.ema_decay, run.device)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.step = GANStep(accelerator=acc, generator=self.generator, discriminator=self.discriminator,
+                            opt_g=self.opt_g, opt_d=self.opt_d, loss=gan_loss(cfg.loss.name),
+                            gp_weight=cfg.loss.gp_weight, critic_steps=cfg.loss.critic_steps, guard=self.guard,
+                            ema=self.ema, mode_seeking=cfg.loss.mode_seeking)
+        self.pipeline = CGANPipeline(model=self.model, class_names=run.data.class_names)
+        self.run = run
+        # Fixed noise for the grids, drawn from the run's seed (a generator of its own: no global draw).
+        grid_size = run.data.num_classes * self.grid_per_class
+        self.grid_noise = self.model.sample_noise(grid_size, torch.Generator().manual_seed(cfg.seed), torch.device("cpu"))
+
+    def train_step(self, step: int, micro_batches: list, measure_grads: bool) -> dict[str, torch.Tensor]:
+        [(real, labels)] = micro_batches  # one batch per step: the cGAN does not accumulate
+        return self.step(step, real, labels, measure_grads=measure_grads)
+
+    def scalars(self) -> dict[str, float]:
+        return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def restore(self, extra: dict[str, torch.Tensor], checkpoint: Path) -> None:
+        pass
+
+    def grid_images(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.pipeline(labels, latents=self.grid_noise, output_type="pt").images
+
+    def final_pictures(self, step: int) -> None:
+        """Latent and class interpolations (notes E)."""
+        run, per_row = self.run, self.grid_per_class
+        for name, fn in (("latent_interpolation", latent_interpolation), ("class_interpolation", class_interpolation)):
+            images = (fn(self.model, run.data.num_classes, per_row, run.cfg.seed) / 2 + 0.5).clamp(0, 1)
+            save_grid(run.accelerator, images, per_row, run.out / f"{name}.png", name, step)

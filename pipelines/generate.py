@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .evaluation import load_pipeline, sample_call_kwargs
+from .evaluation import sample_call_kwargs
+from .exports import load_pipeline
 from .pipeline_ddpm import check_interval
 
 
@@ -65,10 +66,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   **sample_call_kwargs(pipe, args.steps, args.guidance, args.guidance_interval)).images
     out = Path(args.out)
     if out.suffix.lower() == ".png":
-        from torchvision.utils import save_image
+        from .grids import write_grid
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images, str(out), nrow=args.num, padding=2, pad_value=1.0)
+        write_grid(images, args.num, out)
     else:
         from .evaluation import save_samples
 

@@ -1,14 +1,18 @@
-"""Training objectives: the four GAN losses of report B and the diffusion MSE (with min-SNR weights).
+"""Training objectives: the four GAN losses of report B, and the diffusion objective (`DiffusionObjective`).
 
 GAN losses take discriminator logits. Each returns a scalar to minimise.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 GAN_LOSSES = ("bce", "wgan_gp", "lsgan", "hinge")
 
@@ -105,3 +109,51 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     """Min-SNR-gamma weights (Hang et al., 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+@dataclass(kw_only=True)
+class ShardedDraw:
+    """Random numbers drawn for the whole global batch from one generator, seeded alike on every
+    process; each process keeps its own rows, the rows its data shard holds. N processes of batch B
+    then draw exactly what one process of batch N x B draws (N x the numbers: cheap next to a U-Net)."""
+
+    generator: torch.Generator
+    process_index: int = 0
+    num_processes: int = 1
+
+    def __call__(self, draw: Callable, size: int, *shape: int, **kwargs) -> torch.Tensor:
+        full = draw((size * self.num_processes, *shape), generator=self.generator, device=self.generator.device,
+                    **kwargs)
+        return full[self.process_index * size: (self.process_index + 1) * size]
+
+
+@dataclass(kw_only=True)
+class DiffusionObjective:
+    """The class-conditional denoising loss of one batch: noise and timesteps drawn, labels dropped to
+    the null class for classifier-free guidance, the target (noise or velocity), min-SNR weights."""
+
+    scheduler: "DDPMScheduler"
+    num_classes: int  # the null class is `num_classes`
+    label_dropout: float = 0.0
+    prediction_type: str = "epsilon"
+    snr_gamma: Optional[float] = None
+    _alphas_cumprod: Optional[torch.Tensor] = None
+
+    def __call__(self, model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+                 draw: ShardedDraw) -> torch.Tensor:
+        b, steps = x0.shape[0], self.scheduler.config.num_train_timesteps
+        noise = draw(torch.randn, b, *x0.shape[1:], dtype=x0.dtype)
+        t = draw(lambda shape, **kw: torch.randint(0, steps, shape, **kw), b)
+        if self.label_dropout > 0:
+            drop = draw(torch.rand, b) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        prediction = model(x_t, t, class_labels=labels).sample
+        weights = None
+        if self.snr_gamma is not None:
+            if self._alphas_cumprod is None:  # moved to the device once, not every step
+                self._alphas_cumprod = self.scheduler.alphas_cumprod.to(x0.device)
+            abar = self._alphas_cumprod[t]
+            weights = min_snr_weights(abar / (1 - abar), self.snr_gamma, self.prediction_type)
+        return diffusion_loss(prediction, target, weights)

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 import yaml
 
-from .evaluation import generate, load_pipeline, sample_call_kwargs
+from .evaluation import generate, sample_call_kwargs
+from .exports import load_pipeline
 
 COLUMNS = ["run", "model", "loss", "emb", "epochs", "FID", "KID", "IS", "accuracy", "diversity", "flagged",
            "combined", "s/image"]

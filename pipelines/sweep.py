@@ -63,7 +63,7 @@ class PlannedRun:
     def targets(self, kind: str) -> dict[str, Path]:
         """The exports to evaluate: each snapshot epoch in a sweep; the best and final export in an experiment."""
         if kind == "sweep" and self.cfg.eval.snapshot_epochs:
-            from .training import snapshot_dir
+            from .rundir import snapshot_dir
 
             return {f"epoch_{e:03d}": snapshot_dir(self.output_dir, e) for e in sorted(self.cfg.eval.snapshot_epochs)}
         found = {"final": self.output_dir / "pipeline"}

@@ -33,7 +33,8 @@ import accelerate.utils.other
 import safetensors.torch
 import torch
 
-import pipelines.training
+import pipelines.checkpoints
+import pipelines.loop
 from trainer_utils import load_script
 
 
@@ -49,7 +50,7 @@ def wrap_writes(on_write) -> None:
     accelerate.utils.other.safe_save_file = wrapped(accelerate.utils.other.safe_save_file, 1)
     safetensors.torch.save_file = wrapped(safetensors.torch.save_file, 1)
     torch.save = wrapped(torch.save, 1)
-    real_fsync = pipelines.training.os.fsync
+    real_fsync = pipelines.checkpoints.os.fsync
 
     class TrackedOs:  # the checkpoint's state file ends with an fsync: count that as its write
         def __getattr__(self, name):
@@ -60,12 +61,12 @@ def wrap_writes(on_write) -> None:
             path = os.readlink(f"/proc/self/fd/{fd}")
             return on_write(path, lambda: real_fsync(fd))
 
-    pipelines.training.os = TrackedOs()
+    pipelines.checkpoints.os = TrackedOs()
 
 
 def at_checkpoint(n: int, act) -> None:
     """Call `act(output_dir)` just before the n-th checkpoint is written."""
-    real = pipelines.training.save_checkpoint
+    real = pipelines.loop.save_checkpoint
     calls = [0]
 
     def save_checkpoint(accelerator, output_dir, *args, **kwargs):
@@ -74,18 +75,18 @@ def at_checkpoint(n: int, act) -> None:
             act(Path(output_dir))
         return real(accelerator, output_dir, *args, **kwargs)
 
-    pipelines.training.save_checkpoint = save_checkpoint
+    pipelines.loop.save_checkpoint = save_checkpoint
 
 
 def install(fault: str) -> None:
     kind, _, arg = fault.partition(":")
     if kind == "slow":
-        real = pipelines.training.write_stats
+        real = pipelines.loop.write_stats
 
         def write_stats(*args, **kwargs):
             real(*args, **kwargs)
             time.sleep(float(arg))
-        pipelines.training.write_stats = write_stats
+        pipelines.loop.write_stats = write_stats
     elif kind == "log-writes":
         def log(path, write):
             result = write()

@@ -17,7 +17,8 @@ from pipelines.config import CGANConfig, ConfigError, load_config
 from pipelines.gan import GANStep, build_cgan, make_optimizers, paired_labels
 from pipelines.losses import gan_loss, gradient_penalty, mode_seeking_penalty
 from pipelines.models.cgan import class_feature_std
-from pipelines.training import NonFiniteGuard, list_checkpoints
+from pipelines.checkpoints import list_checkpoints
+from pipelines.loop import NonFiniteGuard
 from trainer_utils import (
     ROOT, assert_same_state, assert_same_tensors, checkpoint_state, launch, load_safetensors_dir, logged_steps,
     run_script,
@@ -130,7 +131,8 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_the_limit():
     acc = Accelerator(cpu=True)
     nan_loss = gan_loss("bce")._replace(discriminator=lambda r, f: (r.mean() + f.mean()) * float("nan"))
     opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
-    step = GANStep(acc, g, d, opt_g, opt_d, nan_loss, 10.0, 1, NonFiniteGuard(limit=3))
+    step = GANStep(accelerator=acc, generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, loss=nan_loss,
+                   guard=NonFiniteGuard(limit=3))
     before = [p.clone() for p in d.parameters()]
     x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4)
     step(0, x, y)
@@ -160,8 +162,8 @@ def test_mode_seeking_makes_codes_of_one_class_differ_more():
         torch.manual_seed(0)
         g, d = CGANGenerator(base_channels=8, latent_dim=16), CGANDiscriminator(base_channels=8)
         opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
-        step = GANStep(Accelerator(cpu=True), g, d, opt_g, opt_d, gan_loss("hinge"), 10.0, 1,
-                       NonFiniteGuard(limit=3), mode_seeking=weight)
+        step = GANStep(accelerator=Accelerator(cpu=True), generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d,
+                       loss=gan_loss("hinge"), guard=NonFiniteGuard(limit=3), mode_seeking=weight)
         data = torch.Generator().manual_seed(1)
         for i in range(15):
             step(i, torch.rand(16, 1, 28, 28, generator=data) * 2 - 1, torch.randint(0, 10, (16,), generator=data))
@@ -249,8 +251,8 @@ def test_wgan_gp_steps_the_critic_every_call_and_adds_the_penalty():
     opt_g.register_step_post_hook(lambda *_: counts.__setitem__("g", counts["g"] + 1))
     opt_d.register_step_post_hook(lambda *_: counts.__setitem__("d", counts["d"] + 1))
     loss = gan_loss(cfg.loss.name)
-    step = GANStep(Accelerator(cpu=True), g, d, opt_g, opt_d, loss, cfg.loss.gp_weight, cfg.loss.critic_steps,
-                   NonFiniteGuard(limit=3))
+    step = GANStep(accelerator=Accelerator(cpu=True), generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, loss=loss,
+                   gp_weight=cfg.loss.gp_weight, critic_steps=cfg.loss.critic_steps, guard=NonFiniteGuard(limit=3))
     data = torch.Generator().manual_seed(1)
     real, labels = torch.rand(8, 1, 28, 28, generator=data) * 2 - 1, torch.randint(0, 10, (8,), generator=data)
 
@@ -306,8 +308,8 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(tmp_path):
 def test_mixed_precision_sets_the_dtype_of_the_training_convolutions(script, precision, dtype, tmp_path,
                                                                      monkeypatch):
     """bf16 autocast on CPU: every model's convolutions compute in bf16 while training; with "no", in float32."""
+    import pipelines.diffusion
     import pipelines.gan
-    import pipelines.models.unet
     from pipelines.config import DDPMConfig
     from test_ddpm import TINY as DDPM_TINY
 
@@ -323,11 +325,11 @@ def test_mixed_precision_sets_the_dtype_of_the_training_convolutions(script, pre
                 module.register_forward_hook(hook)
         return model
 
-    # The scripts import the builders by name when run_script loads them, so patch the modules they import from.
-    build_cgan, build_unet = pipelines.gan.build_cgan, pipelines.models.unet.build_unet
+    # The families call the builders by the names they import, so patch them there.
+    build_cgan, build_unet = pipelines.gan.build_cgan, pipelines.diffusion.build_unet
     monkeypatch.setattr(pipelines.gan, "build_cgan", lambda *a, **k: tuple(
         watched(name, model) for name, model in zip(("G", "D"), build_cgan(*a, **k))))
-    monkeypatch.setattr(pipelines.models.unet, "build_unet", lambda *a, **k: watched("unet", build_unet(*a, **k)))
+    monkeypatch.setattr(pipelines.diffusion, "build_unet", lambda *a, **k: watched("unet", build_unet(*a, **k)))
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # "no" defers to the launcher's setting
 
     cls, overrides = (CGANConfig, TINY) if script == "train_cgan" else (DDPMConfig, DDPM_TINY)

@@ -17,7 +17,7 @@ from pipelines.config import ConfigError, DDPMConfig, DiffusionConfig, UNetConfi
 from pipelines.diffusion import build_noise_scheduler
 from pipelines.models.unet import build_unet
 from pipelines.plots import denoising_strip
-from pipelines.training import list_checkpoints
+from pipelines.checkpoints import list_checkpoints
 from trainer_utils import (
     ROOT, assert_same_state, assert_same_tensors, checkpoint_state, launch, load_safetensors_dir, logged_steps,
     run_script,
@@ -198,7 +198,7 @@ SAMPLE = "np.save(sys.argv[2], p([0, 'c3'], num_inference_steps=3, guidance_scal
 @pytest.mark.parametrize("loader", [LOAD_INSTALLED, LOAD_STOCK], ids=["installed", "stock-diffusers"])
 def test_exported_pipeline_loads_in_a_new_process(tmp_path, loader):
     import pipelines.pipeline_ddpm as module
-    from pipelines.training import save_pipeline
+    from pipelines.exports import save_pipeline
 
     pipe = tiny_pipeline()
     expected = pipe([0, "c3"], num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),

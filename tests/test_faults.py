@@ -15,7 +15,7 @@ import time
 import pytest
 
 from pipelines.config import CGANConfig, DDPMConfig
-from pipelines.training import list_checkpoints, resolve_resume
+from pipelines.checkpoints import list_checkpoints, resolve_resume
 from test_cgan import TINY
 from test_ddpm import TINY as DDPM_TINY
 from trainer_utils import (
@@ -352,7 +352,7 @@ def test_exports_are_read_from_safetensors_only(uninterrupted, tmp_path):
     """An export whose weights were swapped for a pickle: loading refuses it and runs nothing."""
     import torch
 
-    from pipelines.evaluation import load_pipeline
+    from pipelines.exports import load_pipeline
 
     export = tmp_path / "pipeline"
     shutil.copytree(uninterrupted / "pipeline", export)
@@ -366,11 +366,11 @@ def test_exports_are_read_from_safetensors_only(uninterrupted, tmp_path):
 
 
 def test_wall_clock_says_when_the_period_has_passed(monkeypatch):
-    from pipelines import training
+    from pipelines import loop
 
     now = [1000.0]
-    monkeypatch.setattr(training.time, "monotonic", lambda: now[0])
-    clock, never = training.WallClock(0.5), training.WallClock(None)
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    clock, never = loop.WallClock(0.5), loop.WallClock(None)
     seen = []
     for t in (10, 29, 31, 40, 60, 62):
         now[0] = 1000.0 + t
@@ -449,7 +449,8 @@ def test_disk_full_while_exporting_keeps_the_previous_export(uninterrupted, tmp_
     code = f"""
 import resource, signal
 from pipelines.pipeline_cgan import CGANPipeline
-from pipelines.training import RunDirError, save_pipeline
+from pipelines.exports import save_pipeline
+from pipelines.rundir import RunDirError
 pipeline = CGANPipeline.from_pretrained({str(export)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

@@ -156,7 +156,8 @@ def test_eval_runs_on_both_pipeline_kinds(kind, pipelines_dir, classifier_dir, t
 
 
 def test_metrics_record_the_export_defaults_a_call_did_not_override(pipelines_dir):
-    from pipelines.evaluation import load_pipeline, sampler_used
+    from pipelines.evaluation import sampler_used
+    from pipelines.exports import load_pipeline
 
     pipe = load_pipeline(pipelines_dir / "ddpm", "dpmsolver")
     pipe.register_to_config(default_steps=7, default_guidance=1.5, default_guidance_interval=[0.0, 0.4])

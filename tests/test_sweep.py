@@ -13,7 +13,7 @@ import yaml
 from pipelines.cli import parse_args
 from pipelines.config import CGANConfig, load_config, to_dict
 from pipelines.sweep import StudyError, load_study, main
-from pipelines.training import list_checkpoints
+from pipelines.checkpoints import list_checkpoints
 from test_cgan import TINY as CGAN_TINY
 from test_ddpm import TINY as DDPM_TINY
 from trainer_utils import ROOT, assert_same_tensors, load_safetensors_dir

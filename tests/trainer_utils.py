@@ -50,7 +50,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def checkpoint_state(folder: Path) -> dict:
     """Everything a checkpoint holds (models, optimizers, LR schedule, EMA, RNG states, step), read safely."""
-    from pipelines.training import read_checkpoint_file
+    from pipelines.checkpoints import read_checkpoint_file
 
     return {p.name: read_checkpoint_file(p) for p in sorted(folder.iterdir())}
 
@@ -76,7 +76,7 @@ def assert_same_state(a, b, where: str = "") -> None:
 
 
 def final_checkpoint(out: Path) -> Path:
-    from pipelines.training import list_checkpoints
+    from pipelines.checkpoints import list_checkpoints
 
     return list_checkpoints(out)[-1]
 

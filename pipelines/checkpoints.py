@@ -1,0 +1,152 @@
+"""Checkpoints: written whole or not at all, rotated, found for `--resume`, read back without running code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+
+from .rundir import RunDirError, checkpoint_dir, cleaned_up_on_write_error
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "training_state.json"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Half-written ones have a temporary name and are ignored."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int,
+                    extra: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write models, optimizers, RNG states and `extra` tensors; visible only once complete.
+
+    The state goes to a temporary folder that is renamed when everything is on disk, so a kill
+    mid-write leaves the previous checkpoint as the latest complete one.
+    """
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step:09d}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:09d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    with cleaned_up_on_write_error(tmp, f"checkpoint at step {step}", list_checkpoints(output_dir)):
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if extra:
+                save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump({"step": step}, f)
+                f.flush()
+                os.fsync(f.fileno())
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """`latest` -> newest complete checkpoint (None on a fresh run); a path -> that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                logger.warning(f"--resume latest: no complete checkpoint in {checkpoint_dir(output_dir)}; "
+                               "starting from step 0")
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise RunDirError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); "
+                          f"complete ones: {[str(p) for p in list_checkpoints(output_dir)] or 'none'}")
+    return path
+
+
+def read_checkpoint_file(path: Path) -> Any:
+    """One file of a checkpoint, read without running code from it: safetensors, JSON, or a
+    `weights_only` pickle (accelerate's optimizer, LR-schedule and RNG files, with the numpy types
+    RNG states need allowed, as accelerate itself loads them)."""
+    from accelerate.utils import load
+    from safetensors.torch import load_file
+
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return load(str(path), map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore what `save_checkpoint` wrote; return the step and the `extra` tensors.
+
+    Every file is read safely first, so a damaged or tampered one is an error that names it
+    (accelerate itself skips an unreadable RNG file with an info message, and the resumed run
+    would then quietly differ); afterwards the RNG states are checked to be the ones on disk.
+    """
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    contents = {}
+    for file in sorted(p for p in path.iterdir() if p.is_file()) + ([] if rng_file.exists() else [rng_file]):
+        try:
+            contents[file.name] = read_checkpoint_file(file)
+        except Exception as err:
+            raise RunDirError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}: {err}); the "
+                              "checkpoint may be corrupt: remove it to resume from the one before") from None
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:
+        raise RunDirError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
+                          "it may be corrupt: remove it to resume from the one before") from None
+    if not _rng_restored(contents[rng_file.name]):
+        raise RunDirError(f"checkpoint file {rng_file} holds no valid random state (accelerate could not restore "
+                          "it); the resumed run would differ from an uninterrupted one. Remove this checkpoint to "
+                          "resume from the one before")
+    return int(contents[STATE_FILE]["step"]), contents.get("extra.safetensors", {})
+
+
+def _rng_restored(saved: Any) -> bool:
+    """Whether the process's Python, numpy and torch generators now hold the states in `saved`."""
+    import random
+
+    import numpy as np
+
+    try:
+        numpy_now, numpy_saved = np.random.get_state(), saved["numpy_random_seed"]
+        return (random.getstate() == tuple(saved["random_state"])
+                and torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
+                and numpy_now[0] == numpy_saved[0] and np.array_equal(numpy_now[1], numpy_saved[1])
+                and tuple(numpy_now[2:]) == tuple(numpy_saved[2:]))
+    except (KeyError, TypeError, IndexError, ValueError):
+        return False
+
+
+def generator_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"noise_rng": generator.get_state()}
+
+
+def load_generator_state(generator: torch.Generator, extra: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    if "noise_rng" not in extra:  # written before the training noise had its own generator
+        logger.warning(f"{checkpoint} holds no training-noise generator state; the resumed run draws other noise "
+                       "than an uninterrupted one would")
+        return
+    generator.set_state(extra["noise_rng"])

@@ -1,0 +1,113 @@
+"""Exported pipelines: saved whole or not at all, loaded safely, their sampler swapped or chosen."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from .rundir import cleaned_up_on_write_error
+
+
+def save_pipeline(pipeline, path: Path, extra_files: Optional[dict[str, Path]] = None) -> Path:
+    """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an export."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with cleaned_up_on_write_error(tmp, f"pipeline export {path}", [path] if path.exists() else []):
+        pipeline.save_pretrained(str(tmp), safe_serialization=True)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
+    old = path.with_name(f".old-{path.name}")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+}
+
+
+def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
+    """A `CGANPipeline` or `ClassConditionalDiffusionPipeline` from an export folder (or a run's `pipeline/`)."""
+    from .pipeline_cgan import CGANPipeline
+    from .pipeline_ddpm import ClassConditionalDiffusionPipeline
+
+    path = Path(path)
+    if (path / "pipeline" / "model_index.json").is_file():
+        path = path / "pipeline"
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} is not an exported pipeline (no model_index.json) nor a run directory")
+    try:
+        kind = json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{index} is malformed ({err})") from None
+    classes = {"CGANPipeline": CGANPipeline, "ClassConditionalDiffusionPipeline": ClassConditionalDiffusionPipeline}
+    if kind not in classes:
+        raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")
+    try:
+        # use_safetensors: never fall back to a pickled .bin, even one that weights_only would accept.
+        pipe = classes[kind].from_pretrained(str(path), use_safetensors=True)
+    except Exception as err:  # diffusers/safetensors raise many kinds for a damaged folder
+        raise ValueError(f"{path} cannot be loaded as a {kind} ({type(err).__name__}: {err}); the export may be "
+                         "truncated or corrupt: export it again from the run's checkpoints") from None
+    if scheduler is not None:
+        if kind == "CGANPipeline":
+            raise ValueError("--scheduler applies to diffusion pipelines only; this is a cGAN")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {scheduler!r}: valid choices are {', '.join(SCHEDULERS)}")
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def choose_default_sampler(run: Path, tolerance: float = 0.1, num_samples: Optional[int] = None) -> dict:
+    """Make the fastest evaluated sampler whose FID is within `tolerance` of the best the export's default.
+
+    Reads the run's `eval/*/metrics.json` of diffusion samplers at `num_samples` (default: the most common count),
+    then rewrites `pipeline/` (atomically) with that scheduler, step count, guidance scale and interval.
+    """
+    import diffusers
+
+    results = [json.loads(p.read_text()) for p in sorted((run / "eval").glob("*/metrics.json"))]
+    results = [r for r in results if r.get("sampler", {}).get("scheduler") and "num_inference_steps" in r["sampler"]]
+    if not results:
+        raise FileNotFoundError(f"{run}/eval has no diffusion sampler evaluations; run eval.py with --scheduler, "
+                                "--steps and --guidance first")
+    counts = [r["num_samples"] for r in results]
+    if num_samples is not None and num_samples not in counts:
+        raise ValueError(f"no sampler evaluation of {num_samples} samples in {run}/eval; evaluated: "
+                         f"{', '.join(map(str, sorted(set(counts))))}")
+    n = num_samples or max(set(counts), key=counts.count)
+    results = [r for r in results if r["num_samples"] == n]
+    best = min(r["fid"] for r in results)
+    within = [r for r in results if r["fid"] <= (1 + tolerance) * best]
+    chosen = min(within, key=lambda r: r["seconds_per_image"])
+    sampler = chosen["sampler"]
+    pipe = load_pipeline(run)
+    pipe.scheduler = getattr(diffusers, sampler["scheduler"]).from_config(pipe.scheduler.config)
+    pipe.register_to_config(default_steps=sampler["num_inference_steps"],
+                            default_guidance=sampler.get("guidance_scale", 1.0),
+                            default_guidance_interval=sampler.get("guidance_interval"))
+    folder = run / "pipeline" if (run / "pipeline").is_dir() else run
+    extra = {"pipeline.py": folder / "pipeline.py"} if (folder / "pipeline.py").is_file() else None
+    if extra:  # save_pipeline replaces the folder: keep the copy of the pipeline source outside it first
+        keep = run / ".pipeline.py.keep"
+        keep.write_bytes(extra["pipeline.py"].read_bytes())
+        extra = {"pipeline.py": keep}
+    save_pipeline(pipe, folder, extra_files=extra)
+    if extra:
+        extra["pipeline.py"].unlink()
+    return {"chosen": sampler, "fid": chosen["fid"], "best_fid": best, "seconds_per_image": chosen["seconds_per_image"],
+            "num_samples": n, "tolerance": tolerance}

@@ -1,0 +1,166 @@
+"""The training loop's mechanics: steps in data order, the non-finite guard, and the periodic upkeep."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol
+
+import torch
+from accelerate import Accelerator
+
+from .checkpoints import save_checkpoint
+from .rundir import snapshot_dir
+from .tracking import write_stats
+
+if TYPE_CHECKING:
+    from .run import Run
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses; too many in a row stops the run (the last checkpoint stays intact)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def ok(self, *losses: torch.Tensor) -> bool:
+        # One host sync per step: the price of never letting a NaN into the weights.
+        finite = bool(torch.isfinite(torch.stack([l.detach().float() for l in losses])).all())
+        if finite:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise FloatingPointError(
+                f"{self.in_row} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
+                "stopping. The last checkpoint is intact: lower the learning rate or use mixed_precision=no/bf16, "
+                "then --resume latest"
+            )
+        return False
+
+
+class WallClock:
+    """Says when `every_minutes` of wall time have passed since it last said so (never without a period)."""
+
+    def __init__(self, every_minutes: Optional[float]):
+        self.every_seconds = every_minutes * 60 if every_minutes else None
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if self.every_seconds is None or time.monotonic() - self.last < self.every_seconds:
+            return False
+        self.last = time.monotonic()
+        return True
+
+
+def steps_from(loader, step: int, total_steps: int, accumulation: int = 1) -> Iterator[tuple[int, list]]:
+    """Yield `(epoch, micro_batches)` for each optimizer step from `step` to `total_steps`.
+
+    An optimizer step uses `accumulation` consecutive batches of one epoch; the position in the
+    data is a pure function of the step, which is what makes resume exact.
+    """
+    per_epoch = len(loader) // accumulation
+    if per_epoch == 0:
+        raise ValueError(f"an epoch has {len(loader)} batches, fewer than gradient_accumulation_steps={accumulation}")
+    while step < total_steps:
+        epoch = step // per_epoch
+        batches = loader.epoch(epoch, start_step=(step % per_epoch) * accumulation)
+        for _ in range(min(per_epoch - step % per_epoch, total_steps - step)):
+            yield epoch, [next(batches) for _ in range(accumulation)]
+            step += 1
+
+
+def progress(accelerator: Accelerator, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
+                dynamic_ncols=True)
+
+
+class UpkeepTasks(Protocol):
+    """The run's own work that the upkeep schedules (`trainer.Training` does it)."""
+
+    def draw_grid(self, name: str, step: int) -> None: ...
+
+    def export(self, path: Path) -> None: ...  # the pipeline with the EMA weights, written atomically
+
+    def evaluate(self, epoch: int, step: int) -> None: ...  # on the main process; the others wait
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]: ...  # EMA and other state for the checkpoint
+
+
+class Upkeep:
+    """Everything periodic after an optimizer step: logging, checkpoints, sample grids, evaluation, snapshots.
+
+    Metrics arrive as device tensors and are read (one host sync) only when a log is due.
+    """
+
+    def __init__(self, *, run: "Run", tasks: UpkeepTasks):
+        self.acc, self.cfg, self.out = run.accelerator, run.cfg, run.out
+        self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
+        self.tasks = tasks
+        self.ckpt_clock = WallClock(self.cfg.checkpoint.every_minutes)
+        self.pending: list[dict] = []
+        self.preempted = False
+        self.wants_checkpoint = False  # by wall time or SIGTERM; held until the processes agree
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Cluster preemption: finish the current step, write a checkpoint, then exit (see after_step).
+        self.preempted = True
+
+    def _agree(self, wants_checkpoint: bool, preempted: bool, sync: bool) -> tuple[bool, bool]:
+        """Wall time and signals differ between processes, but saving is collective: with several
+        processes the wishes are pooled at log steps (already a sync point), so all act on the same step."""
+        if self.acc.num_processes == 1:
+            return wants_checkpoint, preempted
+        if not sync:
+            return False, False
+        flags = torch.tensor([float(wants_checkpoint), float(preempted)], device=self.acc.device)
+        pooled = self.acc.reduce(flags, reduction="sum").tolist()
+        return pooled[0] > 0, pooled[1] > 0
+
+    def after_step(self, step: int, metrics: dict, **scalars: float) -> Optional[dict]:
+        """Call with the number of completed steps; returns the logged record when one was written."""
+        self.pending.append(metrics)
+        record = None
+        log_due = step % self.cfg.log.every_steps == 0 or step == self.total_steps
+        if log_due:
+            keys = sorted({k for m in self.pending for k in m})
+            means = torch.stack([torch.stack([m[k] for m in self.pending if k in m]).float().mean() for k in keys])
+            # Averaged over processes too, so the curve is the global batch's whole; one host sync per log.
+            record = dict(zip(keys, self.acc.reduce(means, reduction="mean").tolist()))
+            record.update(step=step, epoch=(step - 1) // self.steps_per_epoch + 1, **scalars)
+            self.pending.clear()
+            self.acc.log(record, step=step)
+            if self.acc.is_main_process:
+                write_stats(self.out, record)
+        end_of_epoch = step % self.steps_per_epoch == 0
+        last = step == self.total_steps
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        if end_of_epoch and (epoch % self.cfg.log.grid_every_epochs == 0 or last):
+            self.tasks.draw_grid(f"epoch_{epoch:03d}", step)
+        if end_of_epoch and epoch in self.cfg.eval.snapshot_epochs:
+            if self.acc.is_main_process:
+                self.tasks.export(snapshot_dir(self.out, epoch))
+            self.acc.wait_for_everyone()
+        every = self.cfg.eval.every_epochs
+        if every and end_of_epoch and (epoch % every == 0 or last):
+            self.tasks.evaluate(epoch, step)  # the main process evaluates; the others wait for it
+            self.acc.wait_for_everyone()
+        ckpt_cfg = self.cfg.checkpoint
+        by_steps = step % ckpt_cfg.every_steps == 0 if ckpt_cfg.every_steps else end_of_epoch
+        self.wants_checkpoint = self.wants_checkpoint or self.ckpt_clock.due() or self.preempted
+        by_wish, preempted = self._agree(self.wants_checkpoint, self.preempted, sync=log_due)
+        if by_steps or by_wish or last:
+            save_checkpoint(self.acc, self.out, step, ckpt_cfg.keep, self.tasks.checkpoint_extra())
+            self.wants_checkpoint = False
+        if preempted:
+            self.acc.print(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume latest")
+            self.acc.end_training()
+            raise SystemExit(143)
+        return record

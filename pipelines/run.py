@@ -1,0 +1,124 @@
+"""The run context, built once per training: the run directory, the Accelerator (seeded), the training batches."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from .config import save_config
+from .rundir import prepare_run_dir
+from .tracking import start_tracking, wandb_mode
+
+
+def multi_cpu() -> bool:
+    """Launched as several processes (torchrun / `accelerate launch --multi_gpu`) on a machine without a GPU.
+
+    accelerate only picks its gloo-backed MULTI_CPU mode when told `cpu=True`; without this the
+    processes would each train alone on the whole data.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
+    """An Accelerator set up from the config (precision, accumulation, W&B), with the seed applied.
+
+    It writes nothing: `start_run` does, once the set-up that can still fail on the user's input
+    (data, model shapes) has passed, so a corrected retry is not refused as an existing run.
+    """
+    accelerator = Accelerator(
+        cpu=multi_cpu(),
+        # "no" defers to the launcher (`accelerate launch --mixed_precision bf16`, a config file).
+        mixed_precision=None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with="wandb" if wandb_mode(cfg.log, warn=False) != "disabled" else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    # seed + process index: each process draws its own noise from the global generators (the cGAN's codes);
+    # DDP broadcasts rank 0's initial weights, and the data order and the DDPM's training noise come from
+    # generators of their own, seeded alike on every process.
+    set_seed(cfg.seed, device_specific=True)
+    return accelerator
+
+
+def start_run(accelerator: Accelerator, cfg: Any, output_dir: Path) -> None:
+    """The first writes of a run: `config.yaml` and the W&B run."""
+    start_tracking(accelerator, cfg, output_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+
+
+def apply_speed_options(cfg: Any, *models: torch.nn.Module) -> None:
+    """`train.channels_last` and `train.compile`, in place: no wrapper module, so state-dict keys,
+    checkpoints and exports do not depend on them and a run may resume with them switched."""
+    for model in models:
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            model.compile()
+
+
+def training_batches(cfg: Any, accelerator: Accelerator):
+    """The training split decoded once into uint8 tensors on the device, as batches sharded by process."""
+    from .data import BatchLoader, load_tensors
+
+    with accelerator.main_process_first():
+        data = load_tensors(cfg.data)
+    return BatchLoader(data, cfg.train.batch_size, cfg.seed, process_index=accelerator.process_index,
+                       num_processes=accelerator.num_processes, pad_to=cfg.data.pad_to, hflip=cfg.data.hflip,
+                       device=accelerator.device if cfg.data.on_device else "cpu")
+
+
+@dataclass(kw_only=True)
+class Run:
+    """What every training of every family is built on; made once, before any model."""
+
+    cfg: Any
+    out: Path
+    accelerator: Accelerator
+    loader: Any  # `data.BatchLoader`: the training split on the device, sharded by process
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+
+    @classmethod
+    def open(cls, cfg: Any, resume: Optional[str], overwrite: bool) -> "Run":
+        """Check `cfg.output_dir` is ours (every process agrees before any writes), then build the run."""
+        from accelerate import PartialState
+
+        out = prepare_run_dir(cfg.output_dir, resume, overwrite, PartialState(cpu=multi_cpu()))
+        return cls.build(cfg, make_accelerator(cfg, out), out)
+
+    @classmethod
+    def build(cls, cfg: Any, accelerator: Accelerator, out: Path) -> "Run":
+        """The run on an existing Accelerator (benchmarks build this way, so they time what training runs)."""
+        loader = training_batches(cfg, accelerator)
+        steps_per_epoch = len(loader) // cfg.train.gradient_accumulation_steps
+        total_steps = cfg.train.epochs * steps_per_epoch
+        if cfg.train.max_steps is not None:
+            total_steps = min(total_steps, cfg.train.max_steps)
+        return cls(cfg=cfg, out=out, accelerator=accelerator, loader=loader, steps_per_epoch=steps_per_epoch,
+                   total_steps=total_steps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def data(self):
+        """The training split (`data.ImageTensors`): class names, number of classes, image size."""
+        return self.loader.data
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(channels, size) of the images the networks see (after `data.pad_to`)."""
+        channels, size, _ = self.loader.image_shape
+        return channels, size
+
+    @property
+    def accumulation(self) -> int:
+        return self.cfg.train.gradient_accumulation_steps

@@ -1,0 +1,75 @@
+"""The run directory on disk: whose it is, its layout, and writes that are whole or absent."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds another run, or the checkpoint to resume from is missing."""
+
+
+def prepare_run_dir(output_dir: str | Path, resume: Optional[str], overwrite: bool, state) -> Path:
+    """Make sure `output_dir` is ours to write: empty, ours to resume, or explicitly overwritten.
+
+    Every process checks before any of them writes (so all agree), then the main process (of
+    accelerate's `state`) acts.
+    """
+    out = Path(output_dir)
+    occupied = out.exists() and any(out.iterdir())
+    if occupied and not overwrite and resume is None:
+        kind = "a run" if (out / "config.yaml").exists() else "files"
+        raise RunDirError(f"{out} already holds {kind}; pass --resume latest to continue it, --overwrite to "
+                          "replace it, or choose another output_dir")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if occupied and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    return out
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def snapshot_dir(output_dir: Path, epoch: int) -> Path:
+    """Where `eval.snapshot_epochs` exports the pipeline as it was after `epoch`."""
+    return Path(output_dir) / "snapshots" / f"epoch_{epoch:03d}"
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises, library by library: OSError from Python's own files and shutil,
+    SafetensorError from safetensors, RuntimeError from torch.save (its zip writer's "unexpected pos")."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError, RuntimeError
+
+
+def _write_failure(err: BaseException) -> str:
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text:
+        return "no space left on device"
+    if getattr(err, "errno", None) == errno.EFBIG or "os error 27" in text or "File too large" in text:
+        return "file too large for this filesystem or the file-size limit (ulimit -f)"
+    if isinstance(err, RuntimeError) and "unexpected pos" in text:  # torch.save cut short: the disk refused bytes
+        return f"the write was cut short, most likely a full disk ({type(err).__name__}: {text})"
+    return f"{type(err).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def cleaned_up_on_write_error(tmp: Path, what: str, intact: list[Path]) -> Iterator[None]:
+    """A full disk (or any write error) removes the half-written `tmp` and says what is still intact."""
+    try:
+        yield
+    except _write_errors() as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"{intact[-1]} is intact" if intact else "nothing earlier was saved"
+        raise RunDirError(f"writing the {what} failed ({_write_failure(err)}); the partial copy was removed and "
+                          f"{kept}. Free space (or set checkpoint.keep lower), then --resume latest") from err

@@ -1,0 +1,128 @@
+"""The training run, written once for every model family: set-up, resume, the loop and its upkeep, the export.
+
+A family (`pipelines.gan.CGAN`, `pipelines.diffusion.DDPM`) knows only what differs between
+families: its networks and optimizers, one optimizer step, what it samples and exports (see
+`Family`). Adding a family is one module with such a class plus its config schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+
+from .checkpoints import load_checkpoint, resolve_resume
+from .ema import ema_state, inference_mode, load_ema_state
+from .exports import save_pipeline
+from .grids import class_grid_labels, save_grid
+from .loop import NonFiniteGuard, Upkeep, progress, steps_from
+from .run import Run, start_run
+
+
+class Family(Protocol):
+    """What the run needs from a model family. Built from the `Run` (models, optimizers, EMA, the step)."""
+
+    name: str  # the progress bar's label
+    grid_per_class: int  # images in each class row of the training grids
+    progress_keys: tuple[str, ...]  # logged values shown on the progress bar
+    model: torch.nn.Module  # the unwrapped network that the EMA tracks and the pipeline holds
+    ema: Optional[Any]  # a diffusers EMAModel, or None
+    guard: NonFiniteGuard
+    pipeline: Any  # the export: a DiffusionPipeline around `model`; it draws every grid
+    sample_kwargs: dict  # its call arguments for the grids and the evaluation
+    extra_files: dict[str, Path]  # copied into every export beside `save_pretrained`'s files
+
+    def train_step(self, step: int, micro_batches: list, measure_grads: bool) -> dict[str, torch.Tensor]: ...
+
+    def scalars(self) -> dict[str, float]: ...  # logged beside the metrics: learning rates
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]: ...  # state beyond models, optimizers and RNGs
+
+    def restore(self, extra: dict[str, torch.Tensor], checkpoint: Path) -> None: ...
+
+    def grid_images(self, labels: torch.Tensor) -> torch.Tensor: ...  # [0, 1] samples, the same every call
+
+    def final_pictures(self, step: int) -> None: ...  # the family's own pictures after training
+
+
+class Training:
+    """One run of one family: what the upkeep calls back into (grids, exports, evaluation, checkpoint state)."""
+
+    def __init__(self, run: Run, family: Family):
+        self.run, self.family = run, family
+        self.grid_labels = class_grid_labels(run.data.num_classes, family.grid_per_class, run.device)
+        self.evaluator = None
+        if run.cfg.eval.every_epochs and run.accelerator.is_main_process:
+            from .evaluation import TrainingEvaluator
+
+            self.evaluator = TrainingEvaluator(run.accelerator, run.cfg, run.out, family.pipeline, self.inference,
+                                               family.sample_kwargs, extra_files=family.extra_files)
+
+    def inference(self):
+        """Eval mode and the EMA weights, for everything sampled or exported."""
+        return inference_mode(self.family.model, self.family.ema)
+
+    def draw_grid(self, name: str, step: int) -> None:
+        if self.run.accelerator.is_main_process:
+            with self.inference():
+                images = self.family.grid_images(self.grid_labels)
+            save_grid(self.run.accelerator, images, self.family.grid_per_class, self.run.out / "grids" / f"{name}.png",
+                      "samples", step, name)
+
+    def export(self, path: Path) -> None:
+        with self.inference():
+            save_pipeline(self.family.pipeline, path, extra_files=self.family.extra_files)
+
+    def evaluate(self, epoch: int, step: int) -> None:
+        if self.evaluator is not None:
+            self.evaluator(epoch, step)
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        ema = self.family.ema
+        return {**(ema_state(ema) if ema is not None else {}), **self.family.checkpoint_extra()}
+
+
+def resume(run: Run, family: Family, resume_from: Optional[str]) -> int:
+    """The step to start from: 0, or the checkpoint's, with every saved state put back."""
+    checkpoint = resolve_resume(run.out, resume_from)
+    if checkpoint is None:
+        return 0
+    step, extra = load_checkpoint(run.accelerator, checkpoint)
+    if family.ema is not None:
+        load_ema_state(family.ema, extra)
+    family.restore(extra, checkpoint)
+    run.accelerator.print(f"resumed from {checkpoint} at step {step}")
+    return step
+
+
+def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
+    """Train `cfg` with the family `family_type` (`--resume`, `--overwrite` in `args`); returns the run directory."""
+    run = Run.open(cfg, args.resume, args.overwrite)  # run dir checked, Accelerator seeded, data on the device
+    family = family_type(run)  # networks, optimizers, EMA, the training step
+    step = resume(run, family, args.resume)
+    training = Training(run, family)
+    upkeep = Upkeep(run=run, tasks=training)
+    start_run(run.accelerator, cfg, run.out)  # set-up passed: only now does the run write config.yaml and open W&B
+
+    bar = progress(run.accelerator, run.total_steps, step, family.name)
+    for _, micro_batches in steps_from(run.loader, step, run.total_steps, run.accumulation):
+        metrics = family.train_step(step, micro_batches, measure_grads=(step + 1) % cfg.log.every_steps == 0)
+        step += 1
+        bar.update(1)
+        record = upkeep.after_step(step, metrics, **family.scalars(), nonfinite_skipped=family.guard.total)
+        if record:
+            bar.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in family.progress_keys})
+    bar.close()
+
+    # The final grid, the family's pictures and the export, all from the EMA weights if any.
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        training.draw_grid("final", step)
+        with training.inference():
+            family.final_pictures(step)
+        training.export(run.out / "pipeline")
+        run.accelerator.print(f"done: {step} steps; pipeline in {run.out / 'pipeline'}; grids in {run.out / 'grids'}")
+    run.accelerator.end_training()
+    return run.out
