@@ -1,46 +1,19 @@
-"""Typed run configuration: YAML files in `configs/` plus dotted command-line overrides.
+"""The run configuration's schema: one dataclass tree per model family (`CGANConfig`, `DDPMConfig`).
 
-A run is described by one dataclass tree (`CGANConfig` or `DDPMConfig`). `load_config` reads a
-YAML file, applies `section.key=value` overrides, and checks every key, type and choice before
-any work starts, so a typo fails in a second instead of an hour into a run.
+The sections every family shares are `RunConfig`'s; each family adds its model, loss and optimizer
+sections. Files in `configs/` are read with `load_config` (`typed_yaml`: YAML plus dotted
+overrides, every key, type and choice checked before any work starts).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key, has the wrong type or an invalid value."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
+from .typed_yaml import (  # noqa: F401 (the config API is used through this module)
+    ConfigError, check_at_least, check_positive, config_from_dict, expand_output_dir, load_config, parse_overrides,
+    renamed, save_config, to_dict,
 )
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
-
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
@@ -50,7 +23,7 @@ class DataConfig:
     name: Literal["fashion_mnist", "cifar10", "synthetic"] = "fashion_mnist"
     path: Optional[str] = None  # an IDX folder, a folder of class sub-folders, or a `save_to_disk` dataset
     split: Literal["train", "test"] = "train"
-    classes: Optional[list[int]] = None  # keep only these classes, relabelled 0..k-1 (report C's two-class run)
+    classes: Optional[list[int]] = None  # keep only these classes, relabelled 0..k-1 (e.g. [3, 5]: cat and dog)
     pad_to: Optional[int] = None  # e.g. 32: pad Fashion-MNIST 28 -> 32 for U-Nets that halve three times
     hflip: bool = False  # random horizontal flip; right for CIFAR-10, wrong for digits or text
     limit: Optional[int] = None  # use only the first N images (after the class subset): quick runs
@@ -67,7 +40,7 @@ class DataConfig:
             raise ConfigError(f"data.pad_to={self.pad_to}: must be a positive image size")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit={self.limit}: must be positive")
-        _positive(self, "synthetic_size", "data")
+        check_positive(self, "synthetic_size", "data")
         if self.synthetic_channels not in (1, 3):
             raise ConfigError(f"data.synthetic_channels={self.synthetic_channels}: valid choices are 1, 3")
         if self.synthetic_image_size < 8:
@@ -82,12 +55,12 @@ class LogConfig:
     tags: list[str] = field(default_factory=list)
     every_steps: int = 50  # scalar logging interval; each log is one host sync
     grid_every_epochs: int = 1  # per-class sample grid interval
-    showcase_class: int = 0  # the class of the final many-samples-of-one-class picture (report C used cat, 3)
+    showcase_class: int = 0  # the class of the final many-samples-of-one-class picture
 
     def validate(self) -> None:
-        _positive(self, "every_steps", "log")
-        _positive(self, "grid_every_epochs", "log")
-        _at_least(self, "showcase_class", "log", 0)  # the upper bound is checked against the data's classes
+        check_positive(self, "every_steps", "log")
+        check_positive(self, "grid_every_epochs", "log")
+        check_at_least(self, "showcase_class", "log", 0)  # the upper bound is checked against the data's classes
 
 
 @dataclass
@@ -103,7 +76,7 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.every_steps={self.every_steps}: must be positive or null")
         if self.every_minutes is not None and self.every_minutes <= 0:
             raise ConfigError(f"checkpoint.every_minutes={self.every_minutes}: must be positive or null")
-        _positive(self, "keep", "checkpoint")
+        check_positive(self, "keep", "checkpoint")
 
 
 @dataclass
@@ -112,13 +85,13 @@ class EvalConfig:
 
     every_epochs: Optional[int] = None  # None: no evaluation during training
     num_per_class: int = 100
-    classifier: Optional[str] = None  # None: classifiers/<data.name> of this repository
+    classifier: Optional[str] = None  # None: the classifier shipped in the package for data.name
     metric: Literal["fid", "kid", "accuracy"] = "fid"  # chooses the best/ export; accuracy is maximised
     steps: Optional[int] = None  # diffusion sampling steps; None: diffusion.sample_steps
     guidance: Optional[float] = None  # None: diffusion.sample_guidance
     seed: int = 0
     # Export the pipeline at these epochs to snapshots/epoch_NNN/, so one run yields several training
-    # lengths to compare (report B's 10/20/30 epochs come from one 30-epoch run).
+    # lengths to compare (10/20/30 epochs from one 30-epoch run).
     snapshot_epochs: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -126,32 +99,34 @@ class EvalConfig:
             raise ConfigError(f"eval.every_epochs={self.every_epochs}: must be positive or null")
         if any(e < 1 for e in self.snapshot_epochs) or len(set(self.snapshot_epochs)) != len(self.snapshot_epochs):
             raise ConfigError(f"eval.snapshot_epochs={self.snapshot_epochs}: must be distinct positive epochs")
-        _at_least(self, "num_per_class", "eval", 2)
+        check_at_least(self, "num_per_class", "eval", 2)
         if self.steps is not None:
-            _positive(self, "steps", "eval")
+            check_positive(self, "steps", "eval")
         if self.guidance is not None:
-            _at_least(self, "guidance", "eval", 0)
-        _at_least(self, "seed", "eval", 0)
+            check_at_least(self, "guidance", "eval", 0)
+        check_at_least(self, "seed", "eval", 0)
 
 
 @dataclass
 class CGANModelConfig:
-    arch: Literal["report_a", "notes_e"] = "report_a"
+    # transposed_conv: ConvTranspose2d up-sampling; upsample_conv: nearest Upsample + Conv2d
+    arch: Literal["transposed_conv", "upsample_conv"] = field(
+        default="transposed_conv", metadata=renamed({"report_a": "transposed_conv", "notes_e": "upsample_conv"}))
     latent_dim: int = 100
     label_emb_dim: int = 50
     base_channels: int = 64  # G: 2*base -> base -> image; D: base -> 2*base
     bn_momentum: float = 0.1  # PyTorch convention (Keras momentum 0.8 is PyTorch 0.2)
-    bn_eps: float = 1e-5  # notes E writes BatchNorm2d(64, 0.8), which sets eps=0.8
+    bn_eps: float = 1e-5  # configs/cgan/notes_e.yaml uses 0.8: its source wrote BatchNorm2d(64, 0.8), which sets eps
     noise: Literal["normal", "uniform"] = "normal"  # uniform draws from [-1, 1]
     d_norm: Literal["batch", "spectral"] = "batch"  # spectral norm stabilises D (Miyato et al., 2018)
-    d_conditioning: Literal["label_map", "projection"] = "label_map"  # label_map is the seeds' extra channel
+    d_conditioning: Literal["label_map", "projection"] = "label_map"  # label_map: the label as an extra input channel
     d_class_std: bool = False  # D also sees the batch's within-class feature spread (against collapse)
     image_size: Optional[int] = None  # None: taken from the data
     channels: Optional[int] = None  # None: taken from the data
 
     def validate(self) -> None:
         for key in ("latent_dim", "label_emb_dim", "base_channels"):
-            _positive(self, key, "model")
+            check_positive(self, key, "model")
         if not 0.0 < self.bn_momentum <= 1.0:
             raise ConfigError(f"model.bn_momentum={self.bn_momentum}: must be in (0, 1]")
         if self.bn_eps <= 0:
@@ -169,19 +144,19 @@ class GANLossConfig:
     mode_seeking: float = 0.0
 
     def validate(self) -> None:
-        _positive(self, "critic_steps", "loss")
+        check_positive(self, "critic_steps", "loss")
         for key in ("gp_weight", "mode_seeking"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key}={getattr(self, key)}: must be >= 0")
 
 
-# Seeds, report B: 2e-4 for BCE, LSGAN and hinge, 1e-4 for WGAN-GP.
+# Adam's usual rates for each loss: 2e-4 for BCE, LSGAN and hinge (DCGAN's), 1e-4 for WGAN-GP.
 DEFAULT_GAN_LR = {"bce": 2e-4, "lsgan": 2e-4, "hinge": 2e-4, "wgan_gp": 1e-4}
 
 
 @dataclass
 class GANOptimConfig:
-    lr_g: Optional[float] = None  # None: the loss's default from the seeds
+    lr_g: Optional[float] = None  # None: the loss's usual rate (DEFAULT_GAN_LR)
     lr_d: Optional[float] = None
     betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's beta1=0.5 keeps the adversarial game from oscillating
 
@@ -209,7 +184,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for key in ("batch_size", "epochs", "gradient_accumulation_steps", "max_nonfinite_steps"):
-            _positive(self, key, "train")
+            check_positive(self, key, "train")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps={self.max_steps}: must be positive or null")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -217,22 +192,38 @@ class TrainConfig:
 
 
 @dataclass
-class CGANConfig:
-    """One conditional-GAN run (`train_cgan.py`)."""
+class RunConfig:
+    """The sections every family's run has; a family's config adds its model, loss and optimizer sections."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: CGANModelConfig = field(default_factory=CGANModelConfig)
-    loss: GANLossConfig = field(default_factory=GANLossConfig)
-    optim: GANOptimConfig = field(default_factory=GANOptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    output_dir: str = "runs/cgan"
-    seed: int = 0
+    output_dir: str = "runs/run"  # may name config fields: runs/sweep/{loss.name}_emb{model.label_emb_dim}
+    seed: int = 0  # the one seed: data order, initial weights, training noise, sampling
 
     def validate(self) -> None:
-        _validate_run(self)
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed}: must be >= 0 (numpy's seeding refuses negative seeds)")
+        late = [e for e in self.eval.snapshot_epochs if e > self.train.epochs]
+        if late:
+            raise ConfigError(f"eval.snapshot_epochs={self.eval.snapshot_epochs}: {late} lie after the last epoch "
+                              f"(train.epochs={self.train.epochs})")
+        self.output_dir = expand_output_dir(self)
+
+
+@dataclass
+class CGANConfig(RunConfig):
+    """One conditional-GAN run (`train_cgan.py`)."""
+
+    model: CGANModelConfig = field(default_factory=CGANModelConfig)
+    loss: GANLossConfig = field(default_factory=GANLossConfig)
+    optim: GANOptimConfig = field(default_factory=GANOptimConfig)
+    output_dir: str = "runs/cgan"
+
+    def validate(self) -> None:
+        super().validate()
         if self.train.compile and self.loss.name == "wgan_gp":
             raise ConfigError("train.compile=true with loss.name=wgan_gp: torch.compile cannot differentiate the "
                               "gradient penalty twice; use train.compile=false or another loss (bce, lsgan, hinge)")
@@ -260,7 +251,7 @@ class UNetConfig:
                 f"model.attention has {len(self.attention)} entries; it needs one per level of "
                 f"model.block_out_channels ({len(self.block_out_channels)})"
             )
-        _positive(self, "norm_num_groups", "model")
+        check_positive(self, "norm_num_groups", "model")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(
@@ -268,14 +259,14 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout}: must be in [0, 1)")
-        _positive(self, "layers_per_block", "model")
+        check_positive(self, "layers_per_block", "model")
         _image_shape_options(self)
 
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000  # report A uses 300
-    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"  # squaredcos_cap_v2 is report C's cosine
+    num_train_timesteps: int = 1000  # configs/ddpm/report_a.yaml uses 300
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"  # squaredcos_cap_v2: the cosine schedule
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     snr_gamma: Optional[float] = None  # min-SNR loss weighting (5.0 is the paper's choice); None: plain MSE
     label_dropout: float = 0.1  # classifier-free guidance: share of labels replaced by the null class; 0 turns it off
@@ -286,12 +277,12 @@ class DiffusionConfig:
     sample_guidance_interval: Optional[list[float]] = None
 
     def validate(self) -> None:
-        _positive(self, "num_train_timesteps", "diffusion")
+        check_positive(self, "num_train_timesteps", "diffusion")
         interval = self.sample_guidance_interval
         if interval is not None and (len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0):
             raise ConfigError(f"diffusion.sample_guidance_interval={interval}: must be [lo, hi] with "
                               "0 <= lo < hi <= 1, or null")
-        _positive(self, "sample_steps", "diffusion")
+        check_positive(self, "sample_steps", "diffusion")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"diffusion.label_dropout={self.label_dropout}: must be in [0, 1)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -299,7 +290,7 @@ class DiffusionConfig:
         if self.sample_steps > self.num_train_timesteps:
             raise ConfigError(f"diffusion.sample_steps={self.sample_steps}: must be at most "
                               f"diffusion.num_train_timesteps={self.num_train_timesteps}")
-        _at_least(self, "sample_guidance", "diffusion", 0)
+        check_at_least(self, "sample_guidance", "diffusion", 0)
 
 
 @dataclass
@@ -307,15 +298,15 @@ class DDPMOptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"  # onecycle is report C's
+    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"  # onecycle: warm up, then anneal (OneCycleLR)
     warmup_steps: int = 100  # for cosine
     max_grad_norm: Optional[float] = 1.0  # gradient clipping; None turns it off
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr}: must be positive")
-        _at_least(self, "warmup_steps", "optim", 0)
-        _at_least(self, "weight_decay", "optim", 0)
+        check_at_least(self, "warmup_steps", "optim", 0)
+        check_at_least(self, "weight_decay", "optim", 0)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm}: must be positive or null (no clipping)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -323,75 +314,13 @@ class DDPMOptimConfig:
 
 
 @dataclass
-class DDPMConfig:
+class DDPMConfig(RunConfig):
     """One conditional-diffusion run (`train_ddpm.py`)."""
 
-    data: DataConfig = field(default_factory=DataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: DDPMOptimConfig = field(default_factory=DDPMOptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/ddpm"
-    seed: int = 0
-
-    def validate(self) -> None:
-        _validate_run(self)
-
-
-def _validate_run(cfg: Any) -> None:
-    if cfg.seed < 0:
-        raise ConfigError(f"seed={cfg.seed}: must be >= 0 (numpy's seeding refuses negative seeds)")
-    late = [e for e in cfg.eval.snapshot_epochs if e > cfg.train.epochs]
-    if late:
-        raise ConfigError(f"eval.snapshot_epochs={cfg.eval.snapshot_epochs}: {late} lie after the last epoch "
-                          f"(train.epochs={cfg.train.epochs})")
-    cfg.output_dir = expand_output_dir(cfg)
-
-
-def expand_output_dir(cfg: Any) -> str:
-    """Fill `{section.key}` fields of `output_dir` from the config itself, so a sweep over
-    `loss.name` can name each run's folder `runs/sweep/{loss.name}_emb{model.label_emb_dim}`."""
-    import string
-
-    flat = _flatten(to_dict(cfg))
-    parts = []
-    for literal, name, spec, conversion in string.Formatter().parse(cfg.output_dir):
-        parts.append(literal)
-        if name is None:
-            continue
-        if name not in flat:
-            raise ConfigError(f"output_dir={cfg.output_dir!r}: unknown field {{{name}}}; fields look like "
-                              "{loss.name} or {model.label_emb_dim}")
-        if spec or conversion:
-            raise ConfigError(f"output_dir={cfg.output_dir!r}: {{{name}}} takes no format spec or conversion")
-        value = flat[name]
-        parts.append("-".join(map(str, value)) if isinstance(value, list) else str(value))
-    return "".join(parts)
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _positive(section: Any, key: str, prefix: str) -> None:
-    value = getattr(section, key)
-    if value < 1:
-        raise ConfigError(f"{prefix}.{key}={value}: must be positive")
-
-
-def _at_least(section: Any, key: str, prefix: str, low: float) -> None:
-    value = getattr(section, key)
-    if value < low:
-        raise ConfigError(f"{prefix}.{key}={value}: must be >= {low}")
 
 
 def _image_shape_options(model: Any) -> None:
@@ -402,171 +331,3 @@ def _image_shape_options(model: Any) -> None:
     size = getattr(model, size_key)
     if size is not None and size < 8:
         raise ConfigError(f"model.{size_key}={size}: must be at least 8 or null (taken from the data)")
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (list -> tuple, int -> float)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        others = [a for a in args if a is not type(None)]
-        errors = []
-        for option in others:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        if value is None:
-            raise ConfigError(f"{key}: null is not allowed here; expected {', '.join(_type_name(o) for o in others)}")
-        raise ConfigError(errors[0])
-    if origin is Literal:
-        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
-            value = "no"
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not a valid choice; valid choices: {', '.join(map(str, args))}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a section (mapping) with keys {_field_names(tp)}, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a number")
-        # nan passes every `<` check below and inf every `>`: refuse both here, for every option.
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r}: must be a finite number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a string")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
-
-
-def _field_names(cls: type) -> str:
-    return ", ".join(f.name for f in dataclasses.fields(cls))
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
-            f"{_field_names(cls)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
-    obj = cls(**kwargs)
-    return obj
-
-
-def _validate(obj: Any) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _validate(value)
-    if hasattr(obj, "validate"):
-        obj.validate()
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """Turn `["train.epochs=30", "model.arch=notes_e"]` into a nested dict; values are parsed as YAML."""
-    nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.epochs=30)")
-        dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        if not all(keys):
-            raise ConfigError(f"override '{item}': empty key")
-        try:
-            value = _yaml(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
-        node = nested
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{k}' is not a section")
-        node[keys[-1]] = value
-    return nested
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def config_from_dict(cls: type, values: dict) -> Any:
-    """Build and validate a config dataclass from nested plain data."""
-    cfg = _build(cls, values)
-    _validate(cfg)
-    return cfg
-
-
-def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Any:
-    """Read `path` (YAML, optional), apply dotted `overrides`, and return a validated `cls` instance."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    values = _merge(values, parse_overrides(overrides or []))
-    return config_from_dict(cls, values)
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain nested data (tuples as lists) for YAML, W&B and checkpoints."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(cfg))
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

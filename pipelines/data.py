@@ -305,7 +305,7 @@ def load_tensors(cfg: DataConfig, split: Optional[str] = None) -> ImageTensors:
 
 
 def to_model_range(images: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1] (report A's ToDtype(scale=True) + Normalize(0.5, 0.5)), padded with -1."""
+    """uint8 [0, 255] -> float [-1, 1] (torchvision's ToDtype(scale=True) + Normalize(0.5, 0.5)), padded with -1."""
     x = images.float() / 127.5 - 1.0  # out of place: a float input must not be modified
     if pad_to is not None and pad_to != x.shape[-1]:
         total = pad_to - x.shape[-1]

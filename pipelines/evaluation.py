@@ -21,7 +21,7 @@ from .metrics import (
     inception_score, kid, lpips_status, mean_lpips, per_class_report,
 )
 
-REPO_CLASSIFIERS = Path(__file__).resolve().parents[1] / "classifiers"
+SHIPPED_CLASSIFIERS = Path(__file__).resolve().parent / "classifiers"  # package data: installed with the package
 
 
 def run_data_config(pipeline_path: Path) -> Optional[DataConfig]:
@@ -99,7 +99,7 @@ def make_extractor(kind: str, classifier_path: Optional[str | Path], data_cfg: D
         raise ValueError(f"features {kind!r}: valid choices are inception, classifier")
     from .classifier import load_classifier
 
-    path = Path(classifier_path) if classifier_path else REPO_CLASSIFIERS / data_cfg.name
+    path = Path(classifier_path) if classifier_path else SHIPPED_CLASSIFIERS / data_cfg.name
     model, info = load_classifier(path)
     return classifier_extractor(model, device), {"classifier": str(path), "classifier_test_accuracy":
                                                  info.get("test_accuracy")}

@@ -128,7 +128,7 @@ class GANStep:
 
 @torch.no_grad()
 def latent_interpolation(generator: CGANGenerator, num_classes: int, steps: int, seed: int) -> torch.Tensor:
-    """One row per class: images along the line between two fixed latent codes (notes E)."""
+    """One row per class: images along the line between two fixed latent codes."""
     gen = torch.Generator().manual_seed(seed)
     z0, z1 = (generator.sample_noise(1, gen, torch.device("cpu")) for _ in range(2))
     w = torch.linspace(0, 1, steps).view(-1, 1)
@@ -139,7 +139,7 @@ def latent_interpolation(generator: CGANGenerator, num_classes: int, steps: int,
 
 @torch.no_grad()
 def class_interpolation(generator: CGANGenerator, num_classes: int, steps: int, seed: int) -> torch.Tensor:
-    """One row per class pair (k, k+1): fixed noise, label embedding moved from class k to k+1 (notes E)."""
+    """One row per class pair (k, k+1): fixed noise, label embedding moved from class k to k+1."""
     gen = torch.Generator().manual_seed(seed)
     z = generator.sample_noise(1, gen, torch.device("cpu")).to(generator.device)
     table = generator.label_emb.weight
@@ -153,7 +153,7 @@ class CGAN:
     """The conditional GAN as a `trainer.Family`: G, D, their Adam optimizers, G's EMA, the step, the pipeline."""
 
     name = "cgan"
-    grid_per_class = 10  # report A's 10x10 grid
+    grid_per_class = 10  # a 10x10 grid for 10 classes
     progress_keys = ("loss_d", "loss_g")
     extra_files: dict[str, Path] = {}
     sample_kwargs: dict = {}
@@ -196,7 +196,7 @@ class CGAN:
         return self.pipeline(labels, latents=self.grid_noise, output_type="pt").images
 
     def final_pictures(self, step: int) -> None:
-        """Latent and class interpolations (notes E)."""
+        """Latent and class interpolations."""
         run, per_row = self.run, self.grid_per_class
         for name, fn in (("latent_interpolation", latent_interpolation), ("class_interpolation", class_interpolation)):
             images = (fn(self.model, run.data.num_classes, per_row, run.cfg.seed) / 2 + 0.5).clamp(0, 1)

@@ -11,7 +11,7 @@ from .tracking import log_image
 
 
 def class_grid_labels(num_classes: int, per_class: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Report A's fixed labels: one row per class, `per_class` images in each row."""
+    """Fixed grid labels: one row per class, `per_class` images in each row."""
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
 
 

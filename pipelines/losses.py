@@ -1,4 +1,4 @@
-"""Training objectives: the four GAN losses of report B, and the diffusion objective (`DiffusionObjective`).
+"""Training objectives: four GAN losses (BCE, WGAN-GP, LSGAN, hinge), and the diffusion objective (`DiffusionObjective`).
 
 GAN losses take discriminator logits. Each returns a scalar to minimise.
 """
@@ -24,7 +24,7 @@ class GANLoss(NamedTuple):
 
 
 def bce_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """Report A: (BCE(D(x), 1) + BCE(D(G(z)), 0)) / 2, computed from logits (stable for large |logits|)."""
+    """(BCE(D(x), 1) + BCE(D(G(z)), 0)) / 2, computed from logits (stable for large |logits|)."""
     return 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                   + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
 

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 
 def plot_schedule(noise_scheduler, path: Path) -> Path:
-    """beta_t and alpha-bar_t over t (report C's schedule plot)."""
+    """beta_t and alpha-bar_t over t."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     axes[0].plot(noise_scheduler.betas.cpu().numpy())
     axes[0].set(title="beta_t", xlabel="t")

@@ -32,8 +32,8 @@ from .config import CGANConfig, ConfigError, DDPMConfig, load_config
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"train_cgan.py": CGANConfig, "train_ddpm.py": DDPMConfig}
+COMMANDS = {"train_cgan.py": "train-cgan", "train_ddpm.py": "train-ddpm"}  # `python -m pipelines COMMAND`
 
 
 class StudyError(ValueError):
@@ -55,7 +55,9 @@ class PlannedRun:
 
     def command(self) -> list[str]:
         config = ["--config", self.config] if self.config else []
-        return [sys.executable, str(ROOT / self.program), *config, *self.overrides, "--resume", "latest"]
+        # The installed package's command, not a script's path: it works from any install and folder.
+        return [sys.executable, "-m", "pipelines", COMMANDS[self.program], *config, *self.overrides,
+                "--resume", "latest"]
 
     def finished(self) -> bool:
         return (self.output_dir / "pipeline" / "model_index.json").is_file()
@@ -175,7 +177,8 @@ def train_all(study: Study, gpus: Optional[list[str]] = None) -> list[dict]:
         logger.info("training %s%s", run.name, f" on GPU {gpu}" if gpu is not None else "")
         try:
             with open(logs / f"{run.name}.log", "a") as log:
-                code = subprocess.call(run.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                # In this folder: the one the study's relative config paths and output_dirs were read against.
+                code = subprocess.call(run.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
         finally:
             free.put(gpu)
         status = "trained" if code == 0 and run.finished() else f"failed (exit {code}; see {logs / run.name}.log)"

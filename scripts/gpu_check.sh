@@ -53,7 +53,7 @@ say "DDPM, quality recipe, $ddpm_steps steps (${ddpm_seconds} s budget)"
 "$PY" train_ddpm.py --config configs/ddpm/fmnist_quality.yaml output_dir="$WORK/ddpm" train.max_steps="$ddpm_steps" \
   log.wandb=disabled eval.every_epochs=null checkpoint.every_steps=100000 \
   "${ddpm_size[@]}" "${data[@]}"
-# The best setting measured on the CPU DDPM (QUALITY.md): DPM-Solver++ 20, w = 2.5 on t/T <= 0.45.
+# The best setting measured on the CPU DDPM (docs/results.md): DPM-Solver++ 20, w = 2.5 on t/T <= 0.45.
 "$PY" eval.py "$WORK/ddpm" --num-per-class "$n" --no-pngs --out "$WORK/ddpm/eval/final" \
   --scheduler dpmsolver --steps 20 --guidance 2.5 --guidance-interval 0 0.45 \
   ${DATA:+--data fashion_mnist --data-path "$DATA"}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces QUALITY.md on a CPU machine (about 4 hours on 2 cores): trains the CPU DDPM recipe, report
+# Reproduces docs/results.md on a CPU machine (about 4 hours on 2 cores): trains the CPU DDPM recipe, report
 # A's cGAN and the stabilised cGAN (the two cGANs for the same number of epochs), then evaluates them
 # the same way (offline classifier features, N images per class) and the DDPM's samplers.
 # Re-running continues: finished trainings are skipped, interrupted ones resume from their checkpoint.
@@ -36,7 +36,7 @@ for w in 1 1.5 2 3; do
       --guidance "$w" --guidance-interval 0 1 --out "$OUT/ddpm_cpu/eval/$1-$2-w$w"
   done
 done
-# Guidance strength and interval at the cGANs' N (QUALITY.md's guidance-interval table).
+# Guidance strength and interval at the cGANs' N (the guidance-interval table of docs/results.md).
 # An interval of 0 1 guides every step (and overrides an export's default interval on a re-run).
 for s in "10 1 0 1" "10 1.5 0 1" "10 2 0 1" "10 3 0 1" "10 2 0 0.45" "10 2 0 0.6" "10 2.5 0 0.45" "10 3 0 0.6" \
          "10 3 0.25 0.6" "10 4 0 0.6" "20 2.5 0 0.45"; do

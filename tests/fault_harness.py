@@ -35,7 +35,6 @@ import torch
 
 import pipelines.checkpoints
 import pipelines.loop
-from trainer_utils import load_script
 
 
 def wrap_writes(on_write) -> None:
@@ -128,12 +127,10 @@ def install(fault: str) -> None:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_cli
-    from pipelines.config import CGANConfig, DDPMConfig
+    import pipelines.commands
 
     faults, script, *argv = sys.argv[1:]
     Path(f"pid.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
     for fault in faults.split(","):
         install(fault)
-    module = load_script(script)
-    sys.exit(run_cli({"train_cgan": CGANConfig, "train_ddpm": DDPMConfig}[script], module.train, module.__doc__, argv))
+    sys.exit(getattr(pipelines.commands, script)(argv))

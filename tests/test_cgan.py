@@ -28,7 +28,7 @@ TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.base_channels=8
         "model.label_emb_dim=8", "train.batch_size=32", "train.epochs=2", "log.every_steps=4"]
 
 
-@pytest.mark.parametrize("arch", ["report_a", "notes_e"])
+@pytest.mark.parametrize("arch", ["transposed_conv", "upsample_conv"])
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
 @pytest.mark.parametrize("norm,conditioning", [("batch", "label_map"), ("spectral", "projection")])
 def test_shapes(arch, size, channels, norm, conditioning):
@@ -87,7 +87,7 @@ def test_noise_is_seeded_and_in_range(noise):
 
 
 def test_bad_arch_and_size_are_rejected():
-    with pytest.raises(ValueError, match="report_a, notes_e"):
+    with pytest.raises(ValueError, match="transposed_conv, upsample_conv"):
         CGANGenerator(arch="dcgan")
     with pytest.raises(ValueError, match="multiple of 4"):
         CGANGenerator(image_size=30)
@@ -122,6 +122,22 @@ def test_pipeline_round_trip_in_a_new_process(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe"), str(tmp_path / "out.npy")], check=True,
                    cwd=tmp_path)
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+@pytest.mark.parametrize("old,new", [("report_a", "transposed_conv"), ("notes_e", "upsample_conv")])
+def test_an_export_under_the_old_architecture_name_loads_and_is_saved_under_the_new(old, new, tmp_path):
+    torch.manual_seed(0)
+    pipe = CGANPipeline(model=CGANGenerator(arch=new, base_channels=8).eval(), class_names=list("abcdefghij"))
+    expected = pipe([0, 4, 9], generator=torch.Generator().manual_seed(3), output_type="np").images
+    pipe.save_pretrained(tmp_path / "old")
+    config = tmp_path / "old" / "model" / "config.json"
+    config.write_text(config.read_text().replace(f'"{new}"', f'"{old}"'))  # as exports were written before
+
+    loaded = CGANPipeline.from_pretrained(tmp_path / "old")
+    np.testing.assert_array_equal(loaded([0, 4, 9], generator=torch.Generator().manual_seed(3), output_type="np").images,
+                                  expected)
+    loaded.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "model" / "config.json").read_text())["arch"] == new
 
 
 def test_nonfinite_loss_skips_the_step_and_stops_after_the_limit():
@@ -230,7 +246,7 @@ def test_existing_run_dir_is_not_overwritten_without_asking(finished_run, capsys
 
 def test_wgan_gp_with_critic_steps_runs(tmp_path):
     out = tmp_path / "wgan"
-    overrides = TINY + ["loss.name=wgan_gp", "loss.critic_steps=2", "train.epochs=1", "model.arch=notes_e",
+    overrides = TINY + ["loss.name=wgan_gp", "loss.critic_steps=2", "train.epochs=1", "model.arch=upsample_conv",
                         "model.d_norm=spectral", "model.d_conditioning=projection", "model.d_class_std=true"]
     assert run_script("train_cgan", CGANConfig, out, overrides) == 0
     records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]

@@ -32,7 +32,7 @@ CGAN_YAML = """\
       name: fashion_mnist
       limit: 12000
     model:
-      arch: notes_e
+      arch: upsample_conv
       latent_dim: 64
       bn_eps: 0.8
     loss:
@@ -54,11 +54,20 @@ CGAN_YAML = """\
 # ---------------------------------------------------------------- loading
 
 
+@pytest.mark.parametrize("old,new", [("report_a", "transposed_conv"), ("notes_e", "upsample_conv")])
+def test_old_architecture_names_still_load_with_a_warning(old, new, tmp_path):
+    with pytest.warns(FutureWarning, match=f"model.arch='{old}' is the old name of '{new}'"):
+        cfg = load_config(CGANConfig, write_yaml(tmp_path, CGAN_YAML.replace("upsample_conv", old)))
+    assert cfg.model.arch == new
+    with pytest.warns(FutureWarning, match="old name"):
+        assert load_config(CGANConfig, overrides=[f"model.arch={old}"]).model.arch == new
+
+
 def test_load_yaml_into_cgan_config(tmp_path):
     cfg = load_config(CGANConfig, write_yaml(tmp_path, CGAN_YAML))
     assert isinstance(cfg, CGANConfig)
     assert cfg.data.name == "fashion_mnist" and cfg.data.limit == 12000
-    assert cfg.model.arch == "notes_e" and cfg.model.latent_dim == 64 and cfg.model.bn_eps == 0.8
+    assert cfg.model.arch == "upsample_conv" and cfg.model.latent_dim == 64 and cfg.model.bn_eps == 0.8
     assert cfg.loss.name == "wgan_gp" and cfg.loss.critic_steps == 5
     assert cfg.optim.betas == (0.0, 0.9) and isinstance(cfg.optim.betas, tuple)
     assert cfg.train.batch_size == 64 and cfg.train.epochs == 3 and cfg.train.ema_decay == 0.999

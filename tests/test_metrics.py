@@ -127,12 +127,10 @@ def pipelines_dir(tmp_path_factory):
 
 
 def run_eval(args: list[str]) -> int:
-    import importlib.util
+    """`python eval.py ARGS` in this process."""
+    from pipelines.commands import evaluate
 
-    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(args)
+    return evaluate(args)
 
 
 @pytest.mark.parametrize("kind", ["cgan", "ddpm"])
@@ -232,9 +230,9 @@ def test_training_evaluates_and_keeps_the_best_export(classifier_dir, tmp_path):
 def test_real_fashion_mnist_floor_and_classifier():
     """The shipped classifier: >= 0.9 test accuracy; the test split scores a low FID against train."""
     from pipelines.classifier import load_classifier
-    from pipelines.evaluation import REPO_CLASSIFIERS, balanced_subset
+    from pipelines.evaluation import SHIPPED_CLASSIFIERS, balanced_subset
 
-    model, info = load_classifier(REPO_CLASSIFIERS / "fashion_mnist")
+    model, info = load_classifier(SHIPPED_CLASSIFIERS / "fashion_mnist")
     assert info["test_accuracy"] >= 0.9
     ext = classifier_extractor(model, torch.device("cpu"))
     train = balanced_subset(load_tensors(DataConfig(), "train"), 200)

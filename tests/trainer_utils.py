@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from pathlib import Path
 
 import torch
@@ -12,24 +10,17 @@ from accelerate.state import AcceleratorState, GradientState
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    """Import `train_cgan.py` / `train_ddpm.py` as a module (they are scripts, not package modules)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_script(name: str, config_cls, out: Path, overrides: list[str], *flags: str) -> int:
-    """`python NAME.py overrides... flags...` in this process; returns the exit code."""
-    from pipelines.cli import run_cli
+    """`python NAME.py overrides... flags...` (the command `train_*.py` runs) in this process; returns the exit code.
+
+    `config_cls` is the config the command reads (kept so call sites say which family they train)."""
+    import pipelines.commands
 
     # Each run builds its own Accelerator; accelerate keeps process-wide state between them.
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    module = load_script(name)
     argv = [f"output_dir={out}", "log.wandb=disabled", *overrides, *flags]
-    return run_cli(config_cls, module.train, module.__doc__, argv)
+    return getattr(pipelines.commands, name)(argv)
 
 
 def load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:

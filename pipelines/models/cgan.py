@@ -1,4 +1,5 @@
-"""The seeds' conditional GANs: report A (ConvTranspose) and notes E (Upsample + Conv).
+"""Conditional DCGAN-style networks: up-sampling by ConvTranspose2d (`transposed_conv`, configs/cgan/report_a.yaml)
+or by nearest Upsample + Conv2d (`upsample_conv`, configs/cgan/notes_e.yaml).
 
 The generator is a diffusers `ModelMixin` + `ConfigMixin`, so it saves and loads with
 `save_pretrained` / `from_pretrained` (safetensors) and travels inside `CGANPipeline`.
@@ -16,7 +17,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-ARCHS = ("report_a", "notes_e")
+ARCHS = ("transposed_conv", "upsample_conv")
+OLD_ARCH_NAMES = {"report_a": "transposed_conv", "notes_e": "upsample_conv"}  # exports made before the rename
 
 
 def _check(arch: str, image_size: int) -> int:
@@ -31,17 +33,20 @@ class CGANGenerator(ModelMixin, ConfigMixin):
     """G(z, y): latent noise and a class label to an image in [-1, 1]."""
 
     @register_to_config
-    def __init__(self, arch: str = "report_a", num_classes: int = 10, latent_dim: int = 100,
+    def __init__(self, arch: str = "transposed_conv", num_classes: int = 10, latent_dim: int = 100,
                  label_emb_dim: int = 50, base_channels: int = 64, bn_momentum: float = 0.1,
                  bn_eps: float = 1e-5, image_size: int = 28, channels: int = 1, noise: str = "normal"):
         super().__init__()
+        if arch in OLD_ARCH_NAMES:  # an old export: same network, saved again under the current name
+            arch = OLD_ARCH_NAMES[arch]
+            self.register_to_config(arch=arch)
         s = _check(arch, image_size)
         if noise not in ("normal", "uniform"):
             raise ValueError(f"noise={noise!r}: valid choices are normal, uniform")
         wide, narrow = 2 * base_channels, base_channels
         self.label_emb = nn.Embedding(num_classes, label_emb_dim)
         bn = dict(momentum=bn_momentum, eps=bn_eps)
-        if arch == "report_a":
+        if arch == "transposed_conv":
             self.fc = nn.Sequential(nn.Linear(latent_dim + label_emb_dim, wide * s * s),
                                     nn.BatchNorm1d(wide * s * s, **bn), nn.LeakyReLU(0.2))
             self.net = nn.Sequential(
@@ -91,8 +96,8 @@ def class_feature_std(h: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 class CGANDiscriminator(nn.Module):
     """D(x, y) -> one logit per image.
 
-    `conditioning="label_map"` is the seeds' design: the label becomes an extra image channel
-    (report A: Embedding -> Linear -> HxW map; notes E: Embedding(K, 1) broadcast over HxW).
+    `conditioning="label_map"`: the label becomes an extra image channel (transposed_conv: Embedding ->
+    Linear -> HxW map; upsample_conv: Embedding(K, 1) broadcast over HxW).
     `conditioning="projection"` (Miyato & Koyama, 2018) adds <embed(y), features> to the logit.
     `norm="spectral"` replaces BatchNorm by spectral normalisation of every layer.
     `class_std=True` gives the head one more input: the spread of the batch's features within each
@@ -100,10 +105,11 @@ class CGANDiscriminator(nn.Module):
     every sample of a class alike shows a smaller spread than real batches do, so D can punish it.
     """
 
-    def __init__(self, arch: str = "report_a", num_classes: int = 10, label_emb_dim: int = 50,
+    def __init__(self, arch: str = "transposed_conv", num_classes: int = 10, label_emb_dim: int = 50,
                  base_channels: int = 64, bn_momentum: float = 0.1, bn_eps: float = 1e-5, image_size: int = 28,
                  channels: int = 1, norm: str = "batch", conditioning: str = "label_map", class_std: bool = False):
         super().__init__()
+        arch = OLD_ARCH_NAMES.get(arch, arch)
         s = _check(arch, image_size)
         if norm not in ("batch", "spectral"):
             raise ValueError(f"norm={norm!r}: valid choices are batch, spectral")
@@ -115,7 +121,7 @@ class CGANDiscriminator(nn.Module):
         in_channels = channels
         if conditioning == "label_map":
             in_channels += 1
-            if arch == "report_a":
+            if arch == "transposed_conv":
                 self.label_map = nn.Sequential(nn.Embedding(num_classes, label_emb_dim),
                                                nn.Linear(label_emb_dim, image_size * image_size))
             else:
@@ -134,7 +140,7 @@ class CGANDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.conditioning == "label_map":
             size = self.image_size
-            label_map = self.label_map(labels).view(-1, 1, *(1, 1) if self.arch == "notes_e" else (size, size))
+            label_map = self.label_map(labels).view(-1, 1, *(1, 1) if self.arch == "upsample_conv" else (size, size))
             x = torch.cat([x, label_map.expand(-1, 1, size, size).to(x.dtype)], dim=1)
         h = self.features(x)
         head_input = torch.cat([h, class_feature_std(h, labels, self.num_classes)], dim=1) if self.class_std else h

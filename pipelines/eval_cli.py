@@ -1,0 +1,206 @@
+"""Evaluate trained pipelines: FID / KID / IS with clean-fid, conditional accuracy, diversity, comparisons.
+
+`python eval.py ...` and the `ccg-eval` command are the same:
+
+    python eval.py runs/demo/ddpm --num-per-class 200                     # offline classifier features
+    python eval.py runs/x/pipeline --features inception --num-per-class 1000
+    python eval.py runs/x --scheduler dpmsolver --steps 20 --guidance 2
+    python eval.py runs/x --guidance 3 --guidance-interval 0 0.6              # guide the low-noise steps only
+    accelerate launch --num_processes 2 eval.py runs/x                     # generation split across processes
+    python eval.py train-classifier --data fashion_mnist                   # the offline metrics' classifier
+    python eval.py compare runs/a runs/b --out reports/a_vs_b              # Markdown table + side-by-side grids
+    python eval.py baselines --data fashion_mnist --num-per-class 200      # real-data floor, blurred real, noise
+    python eval.py set-default runs/x                                      # fastest sampler within 10% of best FID
+
+Results go to `<run or pipeline>/eval/<name>/metrics.json` beside the samples (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, DataConfig
+from .data import DataError
+from .metrics import MetricsError
+from .pipeline_ddpm import check_interval
+
+USER_ERRORS = (ConfigError, DataError, MetricsError, FileNotFoundError, ValueError)
+
+
+def evaluate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="an exported pipeline folder, or a run directory holding pipeline/")
+    p.add_argument("--num-per-class", type=int, default=100)
+    p.add_argument("--features", choices=["classifier", "inception"], default="classifier")
+    p.add_argument("--classifier", help="classifier folder (default: the one shipped for the dataset)")
+    p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"],
+                   help="dataset, when the pipeline has no run config beside it")
+    p.add_argument("--data-path", help="data.path for --data")
+    p.add_argument("--ref-split", choices=["train", "test"], default="test")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpmsolver"], help="swap the diffusion sampler")
+    p.add_argument("--steps", type=int, help="diffusion sampling steps")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only the steps with LO <= t/T <= HI, e.g. 0 0.6")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", help="output folder (default: <path>/eval/<features>-<sampler>)")
+    p.add_argument("--no-pngs", action="store_true", help="do not write one PNG per sample")
+    p.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled",
+                   help="also log the metrics to W&B")
+    args = p.parse_args(argv)
+    if args.num_per_class < 2:
+        raise ValueError(f"--num-per-class={args.num_per_class}: need at least 2 per class")
+    if args.guidance_interval:
+        check_interval(args.guidance_interval)
+
+    from accelerate import Accelerator
+
+    from .evaluation import evaluate
+
+    from .run import multi_cpu
+
+    accelerator = Accelerator(cpu=multi_cpu(), log_with="wandb" if args.wandb != "disabled" else None)
+    path = Path(args.path)
+    sampler = "-".join(str(v) for v in (args.scheduler, args.steps and f"{args.steps}steps",
+                                        args.guidance is not None and f"w{args.guidance}",
+                                        args.guidance_interval and "gi{:g}-{:g}".format(*args.guidance_interval))
+                       if v)
+    out = Path(args.out) if args.out else path / "eval" / f"{args.features}{'-' + sampler if sampler else ''}"
+    data_cfg = DataConfig(name=args.data, path=args.data_path) if args.data else None
+    result = evaluate(path, out, num_per_class=args.num_per_class, features=args.features,
+                      classifier=args.classifier, data_cfg=data_cfg, ref_split=args.ref_split,
+                      scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                      guidance_interval=args.guidance_interval, seed=args.seed,
+                      batch_size=args.batch_size, accelerator=accelerator, save_pngs=not args.no_pngs)
+    if accelerator.is_main_process:
+        if args.wandb != "disabled":
+            accelerator.init_trackers("class-conditional-generation",
+                                      init_kwargs={"wandb": {"mode": args.wandb, "job_type": "eval", "dir": str(out)}})
+            accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+            accelerator.end_training()
+        print(summary_line(result))
+        print(f"written: {out / 'metrics.json'}")
+    return 0
+
+
+def _prog() -> str:
+    return Path(sys.argv[0]).name or "eval.py"
+
+
+def summary_line(result: dict) -> str:
+    parts = [f"{k}={result[k]:.4g}" for k in ("fid", "kid", "accuracy", "inception_score", "classifier_score",
+                                               "diversity_ratio", "combined_score", "seconds_per_image")
+             if isinstance(result.get(k), float)]
+    if result.get("real_floor"):
+        parts.append(f"real_floor_fid={result['real_floor']['fid']:.4g}")
+    flagged = result.get("flagged_classes")
+    parts.append(f"flagged={','.join(flagged) if flagged else 'none'}")
+    return " ".join(parts)
+
+
+def train_classifier_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{_prog()} train-classifier",
+                                description="Train the dataset classifier behind the offline metrics.")
+    p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"], default="fashion_mnist")
+    p.add_argument("--data-path")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="default: the shipped classifiers/<data> of the package (replaced)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from .classifier import save_classifier, train_classifier
+    from .evaluation import SHIPPED_CLASSIFIERS
+
+    kwargs = {"epochs": args.epochs} if args.epochs else {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, info = train_classifier(DataConfig(name=args.data, path=args.data_path), seed=args.seed, device=device,
+                                   **kwargs)
+    out = Path(args.out) if args.out else SHIPPED_CLASSIFIERS / args.data
+    save_classifier(model, info, out)
+    print(f"test accuracy {info['test_accuracy']:.4f}; saved to {out}")
+    return 0
+
+
+def baselines_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{_prog()} baselines",
+                                description="Reference points: real train images (the floor), the same blurred (sigma 1) "
+                                            "and uniform noise, "
+                                            "scored like generated samples against the test split.")
+    p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"], default="fashion_mnist")
+    p.add_argument("--data-path")
+    p.add_argument("--num-per-class", type=int, default=100)
+    p.add_argument("--classifier")
+    p.add_argument("--out", help="JSON file to write (default: print only)")
+    args = p.parse_args(argv)
+
+    import json
+
+    import torch
+
+    from .evaluation import reference_baselines
+
+    result = reference_baselines(DataConfig(name=args.data, path=args.data_path), args.num_per_class,
+                                 args.classifier, torch.device("cpu"))
+    for name, metrics in result.items():
+        print(f"{name}: {summary_line(metrics)}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def set_default_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{_prog()} set-default",
+                                description="Make the fastest evaluated sampler within a FID tolerance of the best "
+                                            "the exported diffusion pipeline's default.")
+    p.add_argument("run", help="a diffusion run directory with eval/*/metrics.json from several samplers")
+    p.add_argument("--tolerance", type=float, default=0.1, help="allowed relative FID above the best (0.1 = 10%%)")
+    p.add_argument("--num-samples", type=int,
+                   help="compare the evaluations of this many samples (default: the most common count)")
+    args = p.parse_args(argv)
+
+    from .exports import choose_default_sampler
+
+    result = choose_default_sampler(Path(args.run), args.tolerance, args.num_samples)
+    print(f"default sampler: {result['chosen']} (FID {result['fid']:.4g}, best {result['best_fid']:.4g}, "
+          f"{result['seconds_per_image']:.4g} s/image, N={result['num_samples']})")
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{_prog()} compare", description="Compare evaluated runs side by side.")
+    p.add_argument("runs", nargs="+", help="run directories (each evaluated with eval.py first)")
+    p.add_argument("--out", required=True, help="folder for report.md, grids.png and report.json")
+    p.add_argument("--metrics", help="which eval/<name>/metrics.json to read (default: the newest)")
+    p.add_argument("--per-class", type=int, default=6, help="images per class in the side-by-side grid")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from .report import compare_runs
+
+    report = compare_runs([Path(r) for r in args.runs], Path(args.out), metrics_name=args.metrics,
+                          per_class=args.per_class, seed=args.seed)
+    print(report)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train-classifier": train_classifier_main, "compare": compare_main, "baselines": baselines_main,
+                "set-default": set_default_main}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return evaluate_main(argv)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
