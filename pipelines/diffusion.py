@@ -13,7 +13,6 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from . import pipeline_ddpm
 from .checkpoints import generator_state, load_generator_state
 from .config import ConfigError, DDPMOptimConfig, DiffusionConfig
 from .ema import make_ema
@@ -98,8 +97,6 @@ class DDPM:
     name = "ddpm"
     grid_per_class = 8
     progress_keys = ("loss",)
-    # Exports carry the pipeline's own source, so stock diffusers can load them (trust_remote_code).
-    extra_files = {"pipeline.py": Path(pipeline_ddpm.__file__)}
 
     def __init__(self, run: Run):
         cfg, acc, data = run.cfg, run.accelerator, run.data

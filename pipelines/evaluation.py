@@ -192,9 +192,8 @@ class TrainingEvaluator:
     once. Build it on the main process only; `best/` is written atomically with `best.json` in it.
     """
 
-    def __init__(self, accelerator, cfg, output_dir: Path, pipeline, inference, call_kwargs: Optional[dict] = None,
-                 extra_files: Optional[dict] = None):
-        self.acc, self.cfg, self.out, self.extra_files = accelerator, cfg.eval, output_dir, extra_files
+    def __init__(self, *, accelerator, cfg, output_dir: Path, pipeline, inference, call_kwargs: Optional[dict] = None):
+        self.acc, self.cfg, self.out = accelerator, cfg.eval, output_dir
         self.pipeline, self.inference = pipeline, inference
         self.extractor, _ = make_extractor("classifier", cfg.eval.classifier, cfg.data, accelerator.device)
         self.real = load_tensors(replace(cfg.data, split="test", limit=None))
@@ -223,7 +222,7 @@ class TrainingEvaluator:
             value = result[self.cfg.metric]
             if self.is_better(value):
                 self.best = {"metric": self.cfg.metric, "value": value, "epoch": epoch, "step": step}
-                save_pipeline(pipeline, self.out / "best", extra_files=self.extra_files)
+                save_pipeline(pipeline, self.out / "best")
                 (self.out / "best" / "best.json").write_text(json.dumps(self.best, indent=2))
         record = {f"eval/{k}": result[k] for k in ("fid", "kid", "accuracy", "diversity_ratio", "classifier_score")
                   if isinstance(result.get(k), float)}

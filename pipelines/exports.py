@@ -11,15 +11,14 @@ from typing import Optional
 from .rundir import cleaned_up_on_write_error
 
 
-def save_pipeline(pipeline, path: Path, extra_files: Optional[dict[str, Path]] = None) -> Path:
-    """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an export."""
+def save_pipeline(pipeline, path: Path) -> Path:
+    """`save_pretrained` (weights, configs and the code) into a temporary folder, then swap it in: a crash
+    never leaves half an export."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with cleaned_up_on_write_error(tmp, f"pipeline export {path}", [path] if path.exists() else []):
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, tmp / name)
     old = path.with_name(f".old-{path.name}")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -51,6 +50,8 @@ def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
         kind = json.loads(index.read_text())["_class_name"]
     except (json.JSONDecodeError, KeyError) as err:
         raise ValueError(f"{index} is malformed ({err})") from None
+    if isinstance(kind, list):  # ["pipeline", "ClassName"]: the export names its own code for stock diffusers
+        kind = kind[-1]
     classes = {"CGANPipeline": CGANPipeline, "ClassConditionalDiffusionPipeline": ClassConditionalDiffusionPipeline}
     if kind not in classes:
         raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")
@@ -101,13 +102,6 @@ def choose_default_sampler(run: Path, tolerance: float = 0.1, num_samples: Optio
                             default_guidance=sampler.get("guidance_scale", 1.0),
                             default_guidance_interval=sampler.get("guidance_interval"))
     folder = run / "pipeline" if (run / "pipeline").is_dir() else run
-    extra = {"pipeline.py": folder / "pipeline.py"} if (folder / "pipeline.py").is_file() else None
-    if extra:  # save_pipeline replaces the folder: keep the copy of the pipeline source outside it first
-        keep = run / ".pipeline.py.keep"
-        keep.write_bytes(extra["pipeline.py"].read_bytes())
-        extra = {"pipeline.py": keep}
-    save_pipeline(pipe, folder, extra_files=extra)
-    if extra:
-        extra["pipeline.py"].unlink()
+    save_pipeline(pipe, folder)
     return {"chosen": sampler, "fid": chosen["fid"], "best_fid": best, "seconds_per_image": chosen["seconds_per_image"],
             "num_samples": n, "tolerance": tolerance}

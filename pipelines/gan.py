@@ -155,7 +155,6 @@ class CGAN:
     name = "cgan"
     grid_per_class = 10  # a 10x10 grid for 10 classes
     progress_keys = ("loss_d", "loss_g")
-    extra_files: dict[str, Path] = {}
     sample_kwargs: dict = {}
 
     def __init__(self, run: Run):

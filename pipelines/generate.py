@@ -50,7 +50,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         pipe = load_pipeline(args.pipeline, args.scheduler)
-        names = list(pipe.config.class_names or [str(i) for i in range(10)])
+        names = pipe.class_names or [str(i) for i in range(10)]
         classes = [parse_class(c, names) for c in args.classes]
         if args.guidance_interval:
             check_interval(args.guidance_interval)

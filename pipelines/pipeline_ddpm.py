@@ -1,46 +1,23 @@
 """Class-conditional diffusion pipeline: a diffusers `UNet2DModel` with class embeddings and any scheduler.
 
-This file imports only torch and diffusers: it is copied into every exported pipeline folder as
-`pipeline.py`, so stock diffusers can load the export without this project installed:
+This file imports only torch and diffusers (and `pipeline_common` beside it): every export holds it
+as `pipeline.py`, so stock diffusers loads the export without this project installed:
 
-    DiffusionPipeline.from_pretrained(path, custom_pipeline=path, trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(path_or_repo_id, trust_remote_code=True)
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-ClassLabels = Union[int, str, Sequence[Union[int, str]], torch.Tensor]
-
-
-def class_label_tensor(class_labels: ClassLabels, class_names: Optional[List[str]], num_classes: int,
-                       device: torch.device) -> torch.Tensor:
-    """Class ids (or names) as a 1-d int64 tensor, checked against the number of classes."""
-    if isinstance(class_labels, torch.Tensor):
-        labels = class_labels.reshape(-1).tolist()
-    elif isinstance(class_labels, (int, str)):
-        labels = [class_labels]
-    else:
-        labels = list(class_labels)
-    ids = []
-    for label in labels:
-        if isinstance(label, str):
-            names = list(class_names or [])
-            if label not in names:
-                raise ValueError(f"unknown class name {label!r}; valid names: {', '.join(names) or '(none saved)'}")
-            ids.append(names.index(label))
-        else:
-            if not 0 <= int(label) < num_classes:
-                raise ValueError(f"class label {label} is out of range; valid labels are 0..{num_classes - 1}")
-            ids.append(int(label))
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
+from .pipeline_common import (
+    ClassConditionalMixin, ClassLabels, class_label_tensor, images_to_output, load_components, make_id2label,
+)
 
 def check_interval(interval: Sequence[float]) -> Tuple[float, float]:
     """A guidance interval (lo, hi) with 0 <= lo < hi <= 1, or a ValueError naming it."""
@@ -50,49 +27,47 @@ def check_interval(interval: Sequence[float]) -> Tuple[float, float]:
     return values
 
 
-def images_to_output(images: torch.Tensor, output_type: str, numpy_to_pil) -> Union[torch.Tensor, np.ndarray, list]:
-    """[-1, 1] (B, C, H, W) -> 'pt' [0, 1] tensor, 'np' [0, 1] (B, H, W, C) array, or 'pil' images."""
-    if output_type not in ("pil", "np", "pt"):
-        raise ValueError(f"output_type={output_type!r}: valid choices are pil, np, pt")
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return images.cpu()
-    array = images.cpu().permute(0, 2, 3, 1).numpy()
-    return array if output_type == "np" else numpy_to_pil(array)
-
-
-class ClassConditionalDiffusionPipeline(DiffusionPipeline):
+class ClassConditionalDiffusionPipeline(ClassConditionalMixin, DiffusionPipeline):
     """Samples class-conditional images with classifier-free guidance.
 
     Args:
         unet: a `UNet2DModel` with `num_class_embeds` = number of classes (+1 for the guidance null class).
         scheduler: `DDPMScheduler`, `DDIMScheduler`, `DPMSolverMultistepScheduler`, ...; swap with
             `Scheduler.from_config(pipe.scheduler.config)`.
-        class_names: names of the classes, in label order.
+        id2label: class names by id, `{"0": "T-shirt/top", ...}` (as `DiTPipeline` takes them).
         image_size: the dataset's own image size; samples are centre-cropped to it when the U-Net
             works on padded images (Fashion-MNIST 28 -> 32).
         num_classes: the number of real classes (the U-Net may have one more: the null class).
         default_steps, default_guidance, default_guidance_interval: what `__call__` uses when not told
             (set at export to the fastest setting that keeps the quality).
+        class_names: the names as a list, as exports before `id2label` kept them (read into `id2label`).
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DModel, scheduler, class_names: Optional[List[str]] = None,
+    def __init__(self, unet: UNet2DModel, scheduler, id2label: Optional[Dict[str, str]] = None,
                  image_size: Optional[int] = None, num_classes: Optional[int] = None, default_steps: int = 50,
-                 default_guidance: float = 1.0, default_guidance_interval: Optional[Sequence[float]] = None):
+                 default_guidance: float = 1.0, default_guidance_interval: Optional[Sequence[float]] = None,
+                 class_names: Optional[List[str]] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         interval = None if default_guidance_interval is None else list(check_interval(default_guidance_interval))
-        self.register_to_config(class_names=class_names, image_size=image_size, num_classes=num_classes,
-                                default_steps=default_steps, default_guidance=default_guidance,
-                                default_guidance_interval=interval)
+        self.register_to_config(id2label=make_id2label(id2label, class_names), image_size=image_size,
+                                num_classes=num_classes, default_steps=default_steps,
+                                default_guidance=default_guidance, default_guidance_interval=interval)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """This class from an export folder or Hub repo id (`torch_dtype`, `variant`, `revision`, `token`, ...)."""
+        return load_components(cls, pretrained_model_name_or_path, {}, **kwargs)
+
 
     @property
     def num_classes(self) -> int:
         if self.config.num_classes is not None:
             return self.config.num_classes
-        return len(self.config.class_names) if self.config.class_names else self.unet.config.num_class_embeds
+        return len(self.config.id2label) if self.config.id2label else self.unet.config.num_class_embeds
 
     @property
     def has_null_class(self) -> bool:
@@ -102,9 +77,11 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
     def __call__(self, class_labels: ClassLabels, num_inference_steps: Optional[int] = None,
                  guidance_scale: Optional[float] = None, guidance_interval: Optional[Sequence[float]] = None,
                  eta: float = 0.0, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-                 output_type: str = "pil", return_dict: bool = True,
+                 latents: Optional[torch.Tensor] = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable[["ClassConditionalDiffusionPipeline", int, int, Dict], Dict]]
+                 = None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None):
-        """Generate one image per entry of `class_labels` (ids or names).
+        """Generate one image per entry of `class_labels` (ids or names, a list, nested or not, or a tensor).
 
         `num_inference_steps` and `guidance_scale` default to the export's `default_steps` and
         `default_guidance`.
@@ -115,9 +92,17 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         al. 2024): guidance at high noise is what collapses the layouts within a class, so an
         interval such as (0, 0.6) keeps most of the accuracy gain without the loss of diversity.
         Defaults to the export's `default_guidance_interval` (None: every step).
-        `callback(i, t, sample)` is called after each step (for denoising strips).
+        `generator`: one, or a list with one per image (each image then gets the noise it gets alone).
+        `latents`: the starting noise (B, C, H, W) instead of drawing it.
+        `callback_on_step_end(pipe, i, t, tensors)` is called after each step with the tensors named
+        in `callback_on_step_end_tensor_inputs` (`"latents"`); a returned `"latents"` replaces them.
+        `callback(i, t, sample)`: the older per-step callback, still called.
         """
-        labels = class_label_tensor(class_labels, self.config.class_names, self.num_classes, self._execution_device)
+        labels = class_label_tensor(class_labels, self.config.id2label, self.num_classes, self._execution_device)
+        bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs={sorted(bad_inputs)}: valid inputs are "
+                             f"{self._callback_tensor_inputs}")
         num_inference_steps = num_inference_steps or self.config.default_steps
         guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
         guided = guidance_scale != 1.0
@@ -129,7 +114,12 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (len(labels), self.unet.config.in_channels, *size)
-        sample = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        if latents is None:
+            sample = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; these labels need {shape}")
+        else:
+            sample = latents.to(self._execution_device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         sample = sample * self.scheduler.init_noise_sigma
         guided_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
@@ -142,6 +132,7 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         # Re-deriving epsilon from the clipped x0 (as GLIDE does) keeps each step consistent.
         wanted = (("eta", eta), ("generator", generator), ("use_clipped_model_output", True))
         step_kwargs = {k: v for k, v in wanted if k in step_params}
+        self._num_timesteps = len(self.scheduler.timesteps)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             guide = guide_at[i]
             model_input = torch.cat([sample, sample]) if guide else sample
@@ -151,6 +142,10 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
                 cond, uncond = output.chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
             sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {name: sample for name in callback_on_step_end_tensor_inputs}
+                returned = callback_on_step_end(self, i, t, tensors) or {}
+                sample = returned.get("latents", sample)
             if callback is not None:
                 callback(i, t, sample)
         crop = self.config.image_size
@@ -159,6 +154,11 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
             left = (sample.shape[-1] - crop) // 2
             sample = sample[..., top: top + crop, left: left + crop]
         images = images_to_output(sample, output_type, self.numpy_to_pil)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps

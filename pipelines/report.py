@@ -84,7 +84,7 @@ def side_by_side(runs: list[Path], path: Path, per_class: int, seed: int, metric
         sampler = m.get("sampler", {})
         kwargs = sample_call_kwargs(pipe, sampler.get("num_inference_steps"), sampler.get("guidance_scale"),
                                     sampler.get("guidance_interval"))
-        num_classes = len(pipe.config.class_names) if pipe.config.class_names else 10
+        num_classes = len(pipe.class_names) or 10
         labels = torch.arange(num_classes).repeat_interleave(per_class)
         images = generate(pipe, labels, batch_size=len(labels), seed=seed, **kwargs)
         grid = make_grid(images.float() / 255, nrow=per_class, padding=1, pad_value=1.0)

@@ -32,7 +32,6 @@ class Family(Protocol):
     guard: NonFiniteGuard
     pipeline: Any  # the export: a DiffusionPipeline around `model`; it draws every grid
     sample_kwargs: dict  # its call arguments for the grids and the evaluation
-    extra_files: dict[str, Path]  # copied into every export beside `save_pretrained`'s files
 
     def train_step(self, step: int, micro_batches: list, measure_grads: bool) -> dict[str, torch.Tensor]: ...
 
@@ -57,8 +56,9 @@ class Training:
         if run.cfg.eval.every_epochs and run.accelerator.is_main_process:
             from .evaluation import TrainingEvaluator
 
-            self.evaluator = TrainingEvaluator(run.accelerator, run.cfg, run.out, family.pipeline, self.inference,
-                                               family.sample_kwargs, extra_files=family.extra_files)
+            self.evaluator = TrainingEvaluator(accelerator=run.accelerator, cfg=run.cfg, output_dir=run.out,
+                                               pipeline=family.pipeline, inference=self.inference,
+                                               call_kwargs=family.sample_kwargs)
 
     def inference(self):
         """Eval mode and the EMA weights, for everything sampled or exported."""
@@ -73,7 +73,7 @@ class Training:
 
     def export(self, path: Path) -> None:
         with self.inference():
-            save_pipeline(self.family.pipeline, path, extra_files=self.family.extra_files)
+            save_pipeline(self.family.pipeline, path)
 
     def evaluate(self, epoch: int, step: int) -> None:
         if self.evaluator is not None:

@@ -188,7 +188,7 @@ LOAD_STOCK = (
     "import sys, numpy as np, torch\n"
     "sys.modules['pipelines'] = None  # as if this project were not installed\n"
     "from diffusers import DiffusionPipeline\n"
-    "p = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[1], trust_remote_code=True)\n"
+    "p = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
     "assert type(p).__module__ != 'pipelines.pipeline_ddpm'\n"
 )
 SAMPLE = "np.save(sys.argv[2], p([0, 'c3'], num_inference_steps=3, guidance_scale=2.0, " \
@@ -197,13 +197,12 @@ SAMPLE = "np.save(sys.argv[2], p([0, 'c3'], num_inference_steps=3, guidance_scal
 
 @pytest.mark.parametrize("loader", [LOAD_INSTALLED, LOAD_STOCK], ids=["installed", "stock-diffusers"])
 def test_exported_pipeline_loads_in_a_new_process(tmp_path, loader):
-    import pipelines.pipeline_ddpm as module
     from pipelines.exports import save_pipeline
 
     pipe = tiny_pipeline()
     expected = pipe([0, "c3"], num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
                     output_type="np").images
-    save_pipeline(pipe, tmp_path / "pipe", extra_files={"pipeline.py": module.__file__})
+    save_pipeline(pipe, tmp_path / "pipe")
     assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     subprocess.run([sys.executable, "-c", loader + SAMPLE, str(tmp_path / "pipe"), str(tmp_path / "out.npy")],
                    check=True, cwd=tmp_path)
@@ -228,7 +227,7 @@ def test_short_run_lowers_the_loss_and_writes_everything(finished_run):
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     assert [p.name for p in list_checkpoints(out)] == ["step_000000008", "step_000000016"]
     pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
-    assert pipe.config.class_names[0] == "class_0" and pipe.unet.config.num_class_embeds == 11
+    assert pipe.class_names[0] == "class_0" and pipe.unet.config.num_class_embeds == 11
     assert (pipe.config.default_steps, pipe.config.default_guidance) == (2, 2.0)  # the training grids' sampler
 
 

@@ -8,7 +8,7 @@ The discriminator returns raw logits; each loss applies what it needs.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -62,11 +62,19 @@ class CGANGenerator(ModelMixin, ConfigMixin):
             )
         self.start = (wide, s, s)
 
-    def sample_noise(self, batch_size: int, generator: Optional[torch.Generator] = None,
+    def sample_noise(self, batch_size: int, generator: Union[None, torch.Generator, List[torch.Generator]] = None,
                      device: Optional[torch.device] = None) -> torch.Tensor:
-        """Latent codes from the configured distribution (normal, or uniform in [-1, 1])."""
+        """Latent codes from the configured distribution (normal, or uniform in [-1, 1]).
+
+        With a list of generators (one per code), each code is what its generator draws alone.
+        """
         device = device or self.device
         shape = (batch_size, self.config.latent_dim)
+        if isinstance(generator, list) and self.config.noise == "uniform":
+            if len(generator) != batch_size:
+                raise ValueError(f"{len(generator)} generators for {batch_size} codes: give one per code")
+            return torch.cat([torch.rand((1, shape[1]), generator=g, device=g.device).to(device)
+                              for g in generator]) * 2 - 1
         if self.config.noise == "uniform":
             return torch.rand(shape, generator=generator, device=generator.device if generator else device).to(device) * 2 - 1
         return randn_tensor(shape, generator=generator, device=device)
