@@ -82,6 +82,11 @@ def evaluate_main(argv: list[str]) -> int:
                                       init_kwargs={"wandb": {"mode": args.wandb, "job_type": "eval", "dir": str(out)}})
             accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
             accelerator.end_training()
+        export = path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path
+        if (export / "model_index.json").is_file():  # the evaluated export's card shows its newest metrics
+            from .model_card import write_model_card
+
+            write_model_card(export, result)
         print(summary_line(result))
         print(f"written: {out / 'metrics.json'}")
     return 0

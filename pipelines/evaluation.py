@@ -14,7 +14,7 @@ import yaml
 
 from .config import DataConfig, config_from_dict
 from .data import ImageTensors, load_tensors
-from .exports import load_pipeline, save_pipeline
+from .exports import load_pipeline
 from .grids import save_class_grid
 from .metrics import (
     FeatureExtractor, classifier_extractor, collapsed_classes, combined_score, extract, fid, inception_extractor,
@@ -192,8 +192,9 @@ class TrainingEvaluator:
     once. Build it on the main process only; `best/` is written atomically with `best.json` in it.
     """
 
-    def __init__(self, *, accelerator, cfg, output_dir: Path, pipeline, inference, call_kwargs: Optional[dict] = None):
-        self.acc, self.cfg, self.out = accelerator, cfg.eval, output_dir
+    def __init__(self, *, accelerator, cfg, output_dir: Path, pipeline, inference, export,
+                 call_kwargs: Optional[dict] = None):
+        self.acc, self.cfg, self.out, self.export = accelerator, cfg.eval, output_dir, export
         self.pipeline, self.inference = pipeline, inference
         self.extractor, _ = make_extractor("classifier", cfg.eval.classifier, cfg.data, accelerator.device)
         self.real = load_tensors(replace(cfg.data, split="test", limit=None))
@@ -219,11 +220,10 @@ class TrainingEvaluator:
         with self.inference():
             images = generate(pipeline, self.labels, 250, self.cfg.seed, **self.call_kwargs)
             result = score(images, self.labels, self.real, self.extractor, with_lpips=False, real_feats=self.real_feats)
-            value = result[self.cfg.metric]
-            if self.is_better(value):
-                self.best = {"metric": self.cfg.metric, "value": value, "epoch": epoch, "step": step}
-                save_pipeline(pipeline, self.out / "best")
-                (self.out / "best" / "best.json").write_text(json.dumps(self.best, indent=2))
+        value = result[self.cfg.metric]
+        if self.is_better(value):  # export(path, texts) swaps the EMA weights in by itself
+            self.best = {"metric": self.cfg.metric, "value": value, "epoch": epoch, "step": step}
+            self.export(self.out / "best", {"best.json": json.dumps(self.best, indent=2)})
         record = {f"eval/{k}": result[k] for k in ("fid", "kid", "accuracy", "diversity_ratio", "classifier_score")
                   if isinstance(result.get(k), float)}
         record.update({"eval/flagged_classes": len(result["flagged_classes"]), "step": step, "epoch": epoch,

@@ -6,19 +6,21 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .rundir import cleaned_up_on_write_error
 
 
-def save_pipeline(pipeline, path: Path) -> Path:
-    """`save_pretrained` (weights, configs and the code) into a temporary folder, then swap it in: a crash
-    never leaves half an export."""
+def save_pipeline(pipeline, path: Path, finish: Optional[Callable[[Path], None]] = None) -> Path:
+    """`save_pretrained` (weights, configs and the code) into a temporary folder, `finish(folder)` to add
+    files (model card, sample grid), then swap it in: a crash never leaves half an export."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with cleaned_up_on_write_error(tmp, f"pipeline export {path}", [path] if path.exists() else []):
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
+        if finish is not None:
+            finish(tmp)
     old = path.with_name(f".old-{path.name}")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -102,6 +104,15 @@ def choose_default_sampler(run: Path, tolerance: float = 0.1, num_samples: Optio
                             default_guidance=sampler.get("guidance_scale", 1.0),
                             default_guidance_interval=sampler.get("guidance_interval"))
     folder = run / "pipeline" if (run / "pipeline").is_dir() else run
-    save_pipeline(pipe, folder)
+    save_pipeline(pipe, folder, finish=lambda tmp: keep_card(folder, tmp))
     return {"chosen": sampler, "fid": chosen["fid"], "best_fid": best, "seconds_per_image": chosen["seconds_per_image"],
             "num_samples": n, "tolerance": tolerance}
+
+
+def keep_card(old: Path, new: Path) -> None:
+    """A re-saved export keeps its sample grid, and its model card is rebuilt (the defaults changed)."""
+    from .model_card import GRID_FILE, write_model_card
+
+    if (old / GRID_FILE).is_file():
+        shutil.copyfile(old / GRID_FILE, new / GRID_FILE)
+    write_model_card(new, final=old)

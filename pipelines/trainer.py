@@ -16,8 +16,9 @@ import torch
 from .checkpoints import load_checkpoint, resolve_resume
 from .ema import ema_state, inference_mode, load_ema_state
 from .exports import save_pipeline
-from .grids import class_grid_labels, save_grid
+from .grids import class_grid_labels, save_grid, write_grid
 from .loop import NonFiniteGuard, Upkeep, progress, steps_from
+from .model_card import GRID_FILE, write_model_card
 from .run import Run, start_run
 
 
@@ -58,7 +59,7 @@ class Training:
 
             self.evaluator = TrainingEvaluator(accelerator=run.accelerator, cfg=run.cfg, output_dir=run.out,
                                                pipeline=family.pipeline, inference=self.inference,
-                                               call_kwargs=family.sample_kwargs)
+                                               export=self.export, call_kwargs=family.sample_kwargs)
 
     def inference(self):
         """Eval mode and the EMA weights, for everything sampled or exported."""
@@ -71,9 +72,17 @@ class Training:
             save_grid(self.run.accelerator, images, self.family.grid_per_class, self.run.out / "grids" / f"{name}.png",
                       "samples", step, name)
 
-    def export(self, path: Path) -> None:
+    def export(self, path: Path, texts: Optional[dict[str, str]] = None) -> None:
+        """The pipeline with the EMA weights, its sample grid and model card (and `texts`, by file name)."""
+
+        def finish(folder: Path) -> None:
+            write_grid(self.family.grid_images(self.grid_labels), self.family.grid_per_class, folder / GRID_FILE)
+            for name, text in (texts or {}).items():
+                (folder / name).write_text(text)
+            write_model_card(folder, final=path)
+
         with self.inference():
-            save_pipeline(self.family.pipeline, path)
+            save_pipeline(self.family.pipeline, path, finish=finish)
 
     def evaluate(self, epoch: int, step: int) -> None:
         if self.evaluator is not None:

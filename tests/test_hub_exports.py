@@ -95,6 +95,7 @@ def test_stock_diffusers_loads_the_folder_by_itself_and_draws_the_same_images(ex
     np.testing.assert_array_equal(np.load(folder.parent / "out.npy"), images(pipe))
 
 
+@pytest.mark.slow  # a fresh Python with diffusers: 12 s
 def test_without_trust_remote_code_stock_diffusers_refuses_the_code(exported):
     _, _, folder = exported
     result = stock_diffusers("from diffusers import DiffusionPipeline\n"
@@ -102,6 +103,7 @@ def test_without_trust_remote_code_stock_diffusers_refuses_the_code(exported):
     assert result.returncode != 0 and "trust_remote_code" in result.stderr
 
 
+@pytest.mark.slow  # a fresh Python with diffusers: 12 s
 def test_the_older_custom_pipeline_form_still_loads(tmp_path):
     pipe = tiny_ddpm()
     save_pipeline(pipe, tmp_path / "export")

@@ -54,6 +54,7 @@ def test_the_wheel_has_its_own_name_the_data_and_the_commands(installed):
         assert f"{command} = pipelines.commands:" in text
 
 
+@pytest.mark.slow  # three fresh Pythons and a training: 45 s
 def test_the_installed_package_finds_its_classifier_and_trains_outside_the_repository(installed, tmp_path):
     found = run_installed(installed, tmp_path, "-c", "import pipelines, pipelines.evaluation as e; "
                           "print(pipelines.__file__); print(e.SHIPPED_CLASSIFIERS)")
