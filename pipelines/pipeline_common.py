@@ -160,9 +160,10 @@ def load_components(cls, pretrained_model_name_or_path: Union[str, os.PathLike],
         if name in components:
             library, class_name = value
             component_cls = own_classes.get(class_name) or getattr(diffusers, class_name)
-            is_scheduler = class_name.endswith("Scheduler")
+            # dtype, variant and safetensors apply to networks; schedulers are configs only
+            is_network = issubclass(component_cls, torch.nn.Module)
             init[name] = component_cls.from_pretrained(path, subfolder=name,
-                                                       **({} if is_scheduler else component_kwargs))
+                                                       **(component_kwargs if is_network else {}))
         else:
             init[name] = value
     pipeline = cls(**init)
