@@ -30,8 +30,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int,
-                    extra: Optional[dict[str, torch.Tensor]] = None) -> Path:
-    """Write models, optimizers, RNG states and `extra` tensors; visible only once complete.
+                    extra: Optional[dict[str, torch.Tensor]] = None, info: Optional[dict] = None) -> Path:
+    """Write models, optimizers, RNG states and `extra` tensors (and `info` numbers beside the step in
+    its state file); visible only once complete.
 
     The state goes to a temporary folder that is renamed when everything is on disk, so a kill
     mid-write leaves the previous checkpoint as the latest complete one.
@@ -51,7 +52,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
             if extra:
                 save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
             with open(tmp / STATE_FILE, "w") as f:
-                json.dump({"step": step}, f)
+                json.dump({"step": step, **(info or {})}, f)
                 f.flush()
                 os.fsync(f.fileno())
     if accelerator.is_main_process:
@@ -97,8 +98,8 @@ def read_checkpoint_file(path: Path) -> Any:
     return load(str(path), map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """Restore what `save_checkpoint` wrote; return the step and the `extra` tensors.
+def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore what `save_checkpoint` wrote; return its state (`step` and the `info` numbers) and the `extra` tensors.
 
     Every file is read safely first, so a damaged or tampered one is an error that names it
     (accelerate itself skips an unreadable RNG file with an info message, and the resumed run
@@ -121,7 +122,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict[str
         raise RunDirError(f"checkpoint file {rng_file} holds no valid random state (accelerate could not restore "
                           "it); the resumed run would differ from an uninterrupted one. Remove this checkpoint to "
                           "resume from the one before")
-    return int(contents[STATE_FILE]["step"]), contents.get("extra.safetensors", {})
+    state = contents[STATE_FILE]
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise RunDirError(f"checkpoint file {path / STATE_FILE} holds no step; remove this checkpoint to resume "
+                          "from the one before")
+    return state, contents.get("extra.safetensors", {})
 
 
 def _rng_restored(saved: Any) -> bool:

@@ -11,10 +11,11 @@ import yaml
 
 from .config import ConfigError, load_config, to_dict
 from .data import DataError
+from .publish import PublishError
 from .rundir import RunDirError
 
 # Errors the user can fix: one clear line, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, FloatingPointError, PublishError)
 
 
 def parse_args(doc: str, argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """The user commands. `pip install` puts them on the PATH; `python -m pipelines COMMAND` and the
 top-level scripts (`train_cgan.py`, `train_ddpm.py`, `eval.py`) run the same functions.
 
-    ccg-train-cgan  ccg-train-ddpm  ccg-eval  ccg-generate  ccg-sweep
+    ccg-train-cgan  ccg-train-ddpm  ccg-eval  ccg-generate  ccg-sweep  ccg-publish
 """
 
 from __future__ import annotations
@@ -62,6 +62,12 @@ def generate(argv: Optional[list[str]] = None) -> int:
     return main(argv)
 
 
+def publish(argv: Optional[list[str]] = None) -> int:
+    from .publish import main
+
+    return main(argv)
+
+
 def sweep(argv: Optional[list[str]] = None) -> int:
     from .sweep import main
 
@@ -70,6 +76,7 @@ def sweep(argv: Optional[list[str]] = None) -> int:
 
 COMMANDS: dict[str, Callable[[Optional[list[str]]], int]] = {
     "train-cgan": train_cgan, "train-ddpm": train_ddpm, "eval": evaluate, "generate": generate, "sweep": sweep,
+    "publish": publish,
 }
 
 

@@ -108,6 +108,35 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Publishing the final export on the Hugging Face Hub when training ends (`python -m pipelines.publish`
+    does it later). The token comes from `hf auth login` or `HF_TOKEN`, and is checked before training."""
+
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None  # "user/name" or "org/name"; a bare "name" goes under the logged-in user
+    private: Optional[bool] = None  # None: the Hub's default (public, or the organisation's default)
+    hub_revision: Optional[str] = None  # the branch to push to, created when missing; None: main
+    push_best: bool = False  # also push best/ (the best evaluated export) to the branch `best_revision`
+    best_revision: str = "best"
+
+    def validate(self) -> None:
+        if self.hub_model_id is not None:
+            from .publish import check_repo_id
+
+            try:
+                check_repo_id(self.hub_model_id)
+            except ValueError as err:
+                raise ConfigError(f"export.hub_model_id: {err}") from None
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("export.push_to_hub=true needs export.hub_model_id (e.g. your-name/fashion-mnist-cgan)")
+        if self.push_best and not self.push_to_hub:
+            raise ConfigError("export.push_best=true needs export.push_to_hub=true")
+        if self.push_best and self.best_revision == (self.hub_revision or "main"):
+            raise ConfigError(f"export.best_revision={self.best_revision!r} is also the branch of the final export "
+                              "(export.hub_revision): choose another branch for best/")
+
+
+@dataclass
 class CGANModelConfig:
     # transposed_conv: ConvTranspose2d up-sampling; upsample_conv: nearest Upsample + Conv2d
     arch: Literal["transposed_conv", "upsample_conv"] = field(
@@ -200,6 +229,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     output_dir: str = "runs/run"  # may name config fields: runs/sweep/{loss.name}_emb{model.label_emb_dim}
     seed: int = 0  # the one seed: data order, initial weights, training noise, sampling
 
@@ -210,6 +240,8 @@ class RunConfig:
         if late:
             raise ConfigError(f"eval.snapshot_epochs={self.eval.snapshot_epochs}: {late} lie after the last epoch "
                               f"(train.epochs={self.train.epochs})")
+        if self.export.push_best and not self.eval.every_epochs:
+            raise ConfigError("export.push_best=true needs eval.every_epochs: best/ is chosen by the evaluation")
         self.output_dir = expand_output_dir(self)
 
 

@@ -102,6 +102,7 @@ class Upkeep:
         self.acc, self.cfg, self.out = run.accelerator, run.cfg, run.out
         self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
         self.tasks = tasks
+        self.clock = run.clock
         self.ckpt_clock = WallClock(self.cfg.checkpoint.every_minutes)
         self.pending: list[dict] = []
         self.preempted = False
@@ -157,7 +158,8 @@ class Upkeep:
         self.wants_checkpoint = self.wants_checkpoint or self.ckpt_clock.due() or self.preempted
         by_wish, preempted = self._agree(self.wants_checkpoint, self.preempted, sync=log_due)
         if by_steps or by_wish or last:
-            save_checkpoint(self.acc, self.out, step, ckpt_cfg.keep, self.tasks.checkpoint_extra())
+            save_checkpoint(self.acc, self.out, step, ckpt_cfg.keep, self.tasks.checkpoint_extra(),
+                            info={"train_seconds": round(self.clock.seconds(), 3)})
             self.wants_checkpoint = False
         if preempted:
             self.acc.print(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume latest")

@@ -13,6 +13,7 @@ import yaml
 
 DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
 GRID_FILE = "samples.png"
+TRAINING_FILE = "training.json"  # steps, images, wall time and hardware of the training, written with the export
 METRICS = (("fid", "FID"), ("kid", "KID"), ("accuracy", "conditional accuracy"),
            ("diversity_ratio", "diversity ratio (samples / real)"), ("inception_score", "Inception Score"),
            ("classifier_score", "classifier score"))
@@ -43,7 +44,24 @@ def latest_metrics(export: Path) -> Optional[dict]:
     return max(found, key=lambda item: item[0])[1] if found else None
 
 
-def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict]) -> str:
+def training_time(export: Path) -> Optional[str]:
+    """How long the training took and on what, from the export's `training.json`."""
+    info_file = export / TRAINING_FILE
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text())
+    seconds = info["wall_seconds"]
+    span = (f"{seconds / 3600:.1f} hours" if seconds >= 7200 else f"{seconds / 60:.1f} minutes" if seconds >= 120
+            else f"{seconds:.1f} seconds")
+    processes = info["processes"]
+    return (f"time: {span} of wall time (set-up, training and evaluation, summed over resumes) on "
+            f"{processes} process{'es' if processes > 1 else ''} ({info['device']}, mixed precision "
+            f"`{info['mixed_precision']}`): {info['steps']:,} steps, {info['images']:,} images "
+            f"({info['epochs']:.3g} epochs)")
+
+
+def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_id: Optional[str] = None,
+              revision: Optional[str] = None) -> str:
     index = json.loads((export / "model_index.json").read_text())
     class_name = index["_class_name"][-1] if isinstance(index["_class_name"], list) else index["_class_name"]
     diffusion = class_name == "ClassConditionalDiffusionPipeline"
@@ -70,7 +88,8 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict]) -> str
               "`pipeline_common.py` of this repository" + ("" if diffusion else " and `model/cgan.py`")
               + ": read them first if you did not write them):", "", "```python", "import torch",
               "from diffusers import DiffusionPipeline", "",
-              'pipe = DiffusionPipeline.from_pretrained("REPO_OR_FOLDER", trust_remote_code=True)',
+              f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "REPO_OR_FOLDER"}", '
+              + (f'revision="{revision}", ' if revision and revision != "main" else "") + 'trust_remote_code=True)',
               f'images = pipe([0, "{names[min(1, len(names) - 1)] if names else 0}"], '
               'generator=torch.Generator().manual_seed(0)).images', "```", ""]
     if diffusion:
@@ -90,6 +109,8 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict]) -> str
         for section in ("loss", "diffusion", "optim"):
             if section in cfg:
                 recipe.append(f"{section}: {json.dumps(cfg[section], sort_keys=True)}")
+        if training_time(export):
+            recipe.append(training_time(export))
         lines += ["## Training", "", *[f"- {r}" for r in recipe], ""]
     if metrics:
         rows = [(label, metrics[key]) for key, label in METRICS if isinstance(metrics.get(key), (int, float))]
@@ -104,14 +125,17 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict]) -> str
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_model_card(export: Path, metrics: Optional[dict] = None, final: Optional[Path] = None) -> Path:
+def write_model_card(export: Path, metrics: Optional[dict] = None, final: Optional[Path] = None,
+                     repo_id: Optional[str] = None, revision: Optional[str] = None) -> Path:
     """Write (or rewrite) `export/README.md`; `metrics` default to the newest evaluation of the export.
 
     `final`: where the export will live, when `export` is the temporary folder it is written in.
+    `repo_id`, `revision`: where it is published, for the loading code.
     """
     export = Path(export)
     final = Path(final or export)
-    text = card_text(export, run_config(final), metrics if metrics is not None else latest_metrics(final))
+    text = card_text(export, run_config(final), metrics if metrics is not None else latest_metrics(final),
+                     repo_id, revision)
     tmp = export / ".README.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, export / "README.md")

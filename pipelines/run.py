@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,6 +75,16 @@ def training_batches(cfg: Any, accelerator: Accelerator):
                        device=accelerator.device if cfg.data.on_device else "cpu")
 
 
+class TrainClock:
+    """Wall time of a run's work (set-up, training, evaluation), summed over resumes: checkpoints store it."""
+
+    def __init__(self):
+        self.start, self.before = time.monotonic(), 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.start
+
+
 @dataclass(kw_only=True)
 class Run:
     """What every training of every family is built on; made once, before any model."""
@@ -84,14 +95,18 @@ class Run:
     loader: Any  # `data.BatchLoader`: the training split on the device, sharded by process
     steps_per_epoch: int  # optimizer steps
     total_steps: int
+    clock: TrainClock = field(default_factory=TrainClock)
 
     @classmethod
     def open(cls, cfg: Any, resume: Optional[str], overwrite: bool) -> "Run":
         """Check `cfg.output_dir` is ours (every process agrees before any writes), then build the run."""
         from accelerate import PartialState
 
+        clock = TrainClock()  # from the start: data loading is part of the run's time
         out = prepare_run_dir(cfg.output_dir, resume, overwrite, PartialState(cpu=multi_cpu()))
-        return cls.build(cfg, make_accelerator(cfg, out), out)
+        run = cls.build(cfg, make_accelerator(cfg, out), out)
+        run.clock = clock
+        return run
 
     @classmethod
     def build(cls, cfg: Any, accelerator: Accelerator, out: Path) -> "Run":

@@ -8,6 +8,7 @@ families: its networks and optimizers, one optimizer step, what it samples and e
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -18,7 +19,8 @@ from .ema import ema_state, inference_mode, load_ema_state
 from .exports import save_pipeline
 from .grids import class_grid_labels, save_grid, write_grid
 from .loop import NonFiniteGuard, Upkeep, progress, steps_from
-from .model_card import GRID_FILE, write_model_card
+from .model_card import GRID_FILE, TRAINING_FILE, write_model_card
+from .publish import check_can_push, push_run
 from .run import Run, start_run
 
 
@@ -50,8 +52,9 @@ class Family(Protocol):
 class Training:
     """One run of one family: what the upkeep calls back into (grids, exports, evaluation, checkpoint state)."""
 
-    def __init__(self, run: Run, family: Family):
+    def __init__(self, run: Run, family: Family, step: int):
         self.run, self.family = run, family
+        self.step = step  # completed optimizer steps, kept current by the loop
         self.grid_labels = class_grid_labels(run.data.num_classes, family.grid_per_class, run.device)
         self.evaluator = None
         if run.cfg.eval.every_epochs and run.accelerator.is_main_process:
@@ -77,12 +80,21 @@ class Training:
 
         def finish(folder: Path) -> None:
             write_grid(self.family.grid_images(self.grid_labels), self.family.grid_per_class, folder / GRID_FILE)
-            for name, text in (texts or {}).items():
+            for name, text in {TRAINING_FILE: json.dumps(self.training_info(), indent=2), **(texts or {})}.items():
                 (folder / name).write_text(text)
             write_model_card(folder, final=path)
 
         with self.inference():
             save_pipeline(self.family.pipeline, path, finish=finish)
+
+    def training_info(self) -> dict:
+        """What the model card says of the training: steps, images, time and hardware."""
+        run, acc = self.run, self.run.accelerator
+        images = self.step * run.cfg.train.batch_size * run.accumulation * acc.num_processes
+        device = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else acc.device.type.upper()
+        return {"steps": self.step, "epochs": round(self.step / run.steps_per_epoch, 3), "images": images,
+                "wall_seconds": round(run.clock.seconds(), 1), "processes": acc.num_processes, "device": device,
+                "mixed_precision": acc.mixed_precision}
 
     def evaluate(self, epoch: int, step: int) -> None:
         if self.evaluator is not None:
@@ -98,7 +110,9 @@ def resume(run: Run, family: Family, resume_from: Optional[str]) -> int:
     checkpoint = resolve_resume(run.out, resume_from)
     if checkpoint is None:
         return 0
-    step, extra = load_checkpoint(run.accelerator, checkpoint)
+    state, extra = load_checkpoint(run.accelerator, checkpoint)
+    step = state["step"]
+    run.clock.before = float(state.get("train_seconds", 0.0))
     if family.ema is not None:
         load_ema_state(family.ema, extra)
     family.restore(extra, checkpoint)
@@ -111,14 +125,17 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
     run = Run.open(cfg, args.resume, args.overwrite)  # run dir checked, Accelerator seeded, data on the device
     family = family_type(run)  # networks, optimizers, EMA, the training step
     step = resume(run, family, args.resume)
-    training = Training(run, family)
+    training = Training(run, family, step)
     upkeep = Upkeep(run=run, tasks=training)
+    if run.accelerator.is_main_process:
+        check_can_push(cfg.export)  # a token, not offline, a namespace it may write: known before hours of training
     start_run(run.accelerator, cfg, run.out)  # set-up passed: only now does the run write config.yaml and open W&B
 
     bar = progress(run.accelerator, run.total_steps, step, family.name)
     for _, micro_batches in steps_from(run.loader, step, run.total_steps, run.accumulation):
         metrics = family.train_step(step, micro_batches, measure_grads=(step + 1) % cfg.log.every_steps == 0)
         step += 1
+        training.step = step
         bar.update(1)
         record = upkeep.after_step(step, metrics, **family.scalars(), nonfinite_skipped=family.guard.total)
         if record:
@@ -134,4 +151,6 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
         training.export(run.out / "pipeline")
         run.accelerator.print(f"done: {step} steps; pipeline in {run.out / 'pipeline'}; grids in {run.out / 'grids'}")
     run.accelerator.end_training()
+    if cfg.export.push_to_hub and run.accelerator.is_main_process:
+        push_run(run.out, cfg.export)  # last: a failed push leaves a finished run, and says how to push it again
     return run.out

@@ -54,3 +54,29 @@ def test_eval_rebuilds_the_card_of_the_export_it_evaluated(run, classifier_dir):
     assert "40 samples (4 per class, seed 0), classifier features" in body
     _, snapshot_body = header_and_body((run / "snapshots" / "epoch_001" / "README.md").read_text())
     assert "## Metrics" not in snapshot_body  # another export's card is left alone
+
+
+def test_the_card_says_how_long_training_took_on_what(run):
+    info = json.loads((run / "pipeline" / "training.json").read_text())
+    assert info["steps"] == 8 and info["images"] == 8 * 32 and info["epochs"] == 2
+    assert info["processes"] == 1 and info["device"] == "CPU" and 0 < info["wall_seconds"] < 600
+    _, body = header_and_body((run / "pipeline" / "README.md").read_text())
+    assert (f"- time: {info['wall_seconds']:.1f} seconds of wall time (set-up, training and evaluation, summed over "
+            "resumes) on 1 process (CPU, mixed precision `no`): 8 steps, 256 images (2 epochs)") in body
+    assert json.loads((run / "snapshots" / "epoch_001" / "training.json").read_text())["steps"] == 4
+
+
+def test_the_training_time_of_a_resumed_run_adds_the_time_before_its_checkpoint(tmp_path):
+    from pipelines.checkpoints import STATE_FILE
+    from trainer_utils import final_checkpoint
+
+    out = tmp_path / "run"
+    assert run_script("train_cgan", CGANConfig, out, TINY + ["train.max_steps=4"]) == 0
+    state_file = final_checkpoint(out) / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["step"] == 4 and 0 < state["train_seconds"] < 600
+    state_file.write_text(json.dumps({**state, "train_seconds": 9000.0}))  # as if the first part took 2.5 hours
+    assert run_script("train_cgan", CGANConfig, out, TINY, "--resume", "latest") == 0
+    info = json.loads((out / "pipeline" / "training.json").read_text())
+    assert info["steps"] == 8 and 9000 < info["wall_seconds"] < 9000 + 600
+    assert "- time: 2.5 hours of wall time" in (out / "pipeline" / "README.md").read_text()

@@ -50,7 +50,7 @@ def test_the_wheel_has_its_own_name_the_data_and_the_commands(installed):
         assert data in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for command in ("ccg-train-cgan", "ccg-train-ddpm", "ccg-eval", "ccg-generate", "ccg-sweep"):
+    for command in ("ccg-train-cgan", "ccg-train-ddpm", "ccg-eval", "ccg-generate", "ccg-sweep", "ccg-publish"):
         assert f"{command} = pipelines.commands:" in text
 
 

@@ -40,10 +40,14 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def checkpoint_state(folder: Path) -> dict:
-    """Everything a checkpoint holds (models, optimizers, LR schedule, EMA, RNG states, step), read safely."""
-    from pipelines.checkpoints import read_checkpoint_file
+    """Everything a checkpoint holds (models, optimizers, LR schedule, EMA, RNG states, step), read safely.
 
-    return {p.name: read_checkpoint_file(p) for p in sorted(folder.iterdir())}
+    Except the wall time it records (for the model card): no two runs take the same time."""
+    from pipelines.checkpoints import STATE_FILE, read_checkpoint_file
+
+    state = {p.name: read_checkpoint_file(p) for p in sorted(folder.iterdir())}
+    assert state[STATE_FILE].pop("train_seconds") > 0
+    return state
 
 
 def assert_same_state(a, b, where: str = "") -> None:
