@@ -49,10 +49,14 @@ class DataConfig:
 
 @dataclass
 class LogConfig:
-    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
-    project: str = "class-conditional-generation"
+    # auto: WANDB_MODE if set, online with a W&B login for the configured host, else offline
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: Optional[str] = None  # None: WANDB_PROJECT, else class-conditional-generation
+    entity: Optional[str] = None  # None: WANDB_ENTITY, else the login's default entity
     run_name: Optional[str] = None  # default: the output directory's name
     tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # the dashboard's grouping; a study sets it to the study's name
+    artifacts: bool = True  # log the final export and best/ as model artifacts (off for large studies)
     every_steps: int = 50  # scalar logging interval; each log is one host sync
     grid_every_epochs: int = 1  # per-class sample grid interval
     showcase_class: int = 0  # the class of the final many-samples-of-one-class picture

@@ -18,7 +18,9 @@ Results go to `<run or pipeline>/eval/<name>/metrics.json` beside the samples (o
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -49,8 +51,10 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", help="output folder (default: <path>/eval/<features>-<sampler>)")
     p.add_argument("--no-pngs", action="store_true", help="do not write one PNG per sample")
-    p.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled",
-                   help="also log the metrics to W&B")
+    p.add_argument("--wandb", choices=["disabled", "auto", "offline", "online"], default="disabled",
+                   help="also log to W&B: into the training's run when PATH is (in) a run directory")
+    p.add_argument("--wandb-new-run", action="store_true",
+                   help="log to a separate run of job type eval, grouped with the training run")
     args = p.parse_args(argv)
     if args.num_per_class < 2:
         raise ValueError(f"--num-per-class={args.num_per_class}: need at least 2 per class")
@@ -71,17 +75,21 @@ def evaluate_main(argv: list[str]) -> int:
                        if v)
     out = Path(args.out) if args.out else path / "eval" / f"{args.features}{'-' + sampler if sampler else ''}"
     data_cfg = DataConfig(name=args.data, path=args.data_path) if args.data else None
+    on_scored = None
+    if args.wandb != "disabled":
+        from .tracking import log_evaluation, start_eval_tracking
+
+        model_artifact = start_eval_tracking(accelerator, path, out, args.wandb, new_run=args.wandb_new_run)
+        step = export_step(path)
+        on_scored = partial(log_evaluation, accelerator, out, step=step, model_artifact=model_artifact)
     result = evaluate(path, out, num_per_class=args.num_per_class, features=args.features,
                       classifier=args.classifier, data_cfg=data_cfg, ref_split=args.ref_split,
                       scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                       guidance_interval=args.guidance_interval, seed=args.seed,
-                      batch_size=args.batch_size, accelerator=accelerator, save_pngs=not args.no_pngs)
+                      batch_size=args.batch_size, accelerator=accelerator, save_pngs=not args.no_pngs,
+                      on_scored=on_scored)
+    accelerator.end_training()
     if accelerator.is_main_process:
-        if args.wandb != "disabled":
-            accelerator.init_trackers("class-conditional-generation",
-                                      init_kwargs={"wandb": {"mode": args.wandb, "job_type": "eval", "dir": str(out)}})
-            accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
-            accelerator.end_training()
         export = path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path
         if (export / "model_index.json").is_file():  # the evaluated export's card shows its newest metrics
             from .model_card import write_model_card
@@ -90,6 +98,13 @@ def evaluate_main(argv: list[str]) -> int:
         print(summary_line(result))
         print(f"written: {out / 'metrics.json'}")
     return 0
+
+
+def export_step(path: Path) -> Optional[int]:
+    """The training step of the evaluated export (its `training.json`), for the W&B x-axis."""
+    folder = path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path
+    info = folder / "training.json"
+    return json.loads(info.read_text()).get("steps") if info.is_file() else None
 
 
 def _prog() -> str:
@@ -184,12 +199,14 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--metrics", help="which eval/<name>/metrics.json to read (default: the newest)")
     p.add_argument("--per-class", type=int, default=6, help="images per class in the side-by-side grid")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", choices=["disabled", "auto", "offline", "online"], default="disabled",
+                   help="also log the table and the grid as a W&B run of job type compare")
     args = p.parse_args(argv)
 
     from .report import compare_runs
 
     report = compare_runs([Path(r) for r in args.runs], Path(args.out), metrics_name=args.metrics,
-                          per_class=args.per_class, seed=args.seed)
+                          per_class=args.per_class, seed=args.seed, wandb=args.wandb)
     print(report)
     return 0
 

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -141,8 +141,11 @@ def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, fe
              classifier: Optional[str] = None, data_cfg: Optional[DataConfig] = None, ref_split: str = "test",
              scheduler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
              guidance_interval: Optional[list[float]] = None, seed: int = 0, batch_size: int = 250, accelerator=None,
-             save_pngs: bool = True) -> dict:
-    """Generate `num_per_class` images per class, score them, write `metrics.json` and the samples to `out_dir`."""
+             save_pngs: bool = True, on_scored: Optional[Callable[[dict, torch.Tensor, torch.Tensor], None]] = None
+             ) -> dict:
+    """Generate `num_per_class` images per class, score them, write `metrics.json` and the samples to `out_dir`.
+
+    `on_scored(result, images, labels)` runs on the main process once the files are written (W&B logging)."""
     pipeline_path = Path(pipeline_path)
     data_cfg = data_cfg or run_data_config(pipeline_path)
     if data_cfg is None:
@@ -171,6 +174,8 @@ def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, fe
         save_samples(images, labels, real.class_names, out_dir / "samples")
     save_class_grid(images, labels, real.num_classes, out_dir / "grid.png")
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    if on_scored is not None:
+        on_scored(result, images, labels)
     return result
 
 
@@ -207,6 +212,7 @@ class TrainingEvaluator:
             self.call_kwargs["guidance_scale"] = cfg.eval.guidance
         best_file = output_dir / "best" / "best.json"
         self.best = json.loads(best_file.read_text()) if best_file.is_file() else None
+        self.last: Optional[dict] = None  # the newest evaluation's logged numbers
 
     def is_better(self, value: float) -> bool:
         if self.best is None:
@@ -214,7 +220,7 @@ class TrainingEvaluator:
         return value > self.best["value"] if self.cfg.metric == "accuracy" else value < self.best["value"]
 
     def __call__(self, epoch: int, step: int) -> dict:
-        from .tracking import write_stats
+        from .tracking import log_class_table, write_stats
 
         pipeline = self.pipeline
         with self.inference():
@@ -229,7 +235,9 @@ class TrainingEvaluator:
         record.update({"eval/flagged_classes": len(result["flagged_classes"]), "step": step, "epoch": epoch,
                        f"eval/best_{self.cfg.metric}": self.best["value"]})
         self.acc.log(record, step=step)
+        log_class_table(self.acc, result, images, self.labels, step)
         write_stats(self.out, record)
+        self.last = record
         return result
 
 

@@ -21,10 +21,10 @@ METRICS = (("fid", "FID"), ("kid", "KID"), ("accuracy", "conditional accuracy"),
 
 def run_config(export: Path) -> Optional[dict]:
     """The `config.yaml` of the run that wrote `export` (pipeline/ and best/ sit in the run, snapshots deeper)."""
-    for folder in (export, export.parent, export.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    return None
+    from .rundir import run_of
+
+    folder = run_of(export)
+    return yaml.safe_load((folder / "config.yaml").read_text()) or {} if folder else None
 
 
 def latest_metrics(export: Path) -> Optional[dict]:

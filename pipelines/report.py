@@ -98,8 +98,9 @@ def side_by_side(runs: list[Path], path: Path, per_class: int, seed: int, metric
 
 
 def compare_runs(runs: list[Path], out: Path, metrics_name: Optional[str] = None, per_class: int = 6,
-                 seed: int = 0) -> str:
-    """Write report.md, report.json and grids.png for `runs` to `out`; return the Markdown."""
+                 seed: int = 0, wandb: str = "disabled") -> str:
+    """Write report.md, report.json and grids.png for `runs` to `out` (and log them to W&B unless `wandb` is
+    disabled); return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = [json.loads(newest_metrics(run, metrics_name).read_text()) for run in runs]
     rows = [table_row(run, m) for run, m in zip(runs, metrics)]
@@ -109,6 +110,10 @@ def compare_runs(runs: list[Path], out: Path, metrics_name: Optional[str] = None
     text += "\n![side by side](grids.png)\n"
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(rows, indent=2))
+    if wandb != "disabled":
+        from .tracking import log_comparison
+
+        log_comparison(runs, rows, out / "grids.png", wandb, out)
     return text
 
 

@@ -44,6 +44,15 @@ def snapshot_dir(output_dir: Path, epoch: int) -> Path:
     return Path(output_dir) / "snapshots" / f"epoch_{epoch:03d}"
 
 
+def run_of(path: Path) -> Optional[Path]:
+    """The run directory that `path` is or lies in: the run, its `pipeline/` or `best/`, or a snapshot."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
 def _write_errors() -> tuple[type[BaseException], ...]:
     """What a failed write raises, library by library: OSError from Python's own files and shutil,
     SafetensorError from safetensors, RuntimeError from torch.save (its zip writer's "unexpected pos")."""

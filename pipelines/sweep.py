@@ -128,25 +128,26 @@ def _load_sweep(path: Path, doc: dict) -> Study:
         else:
             raise StudyError(f"{path}: parameter {name!r} needs `values: [...]` (swept) or `value: x` (fixed) "
                              "for a grid")
-    runs = []
+    runs, name = [], doc.get("name", path.stem)
     for combo in itertools.product(*swept.values()):
         values = dict(zip(swept, combo))
-        # The same `name=value` arguments that `wandb agent` passes with ${args_no_hyphens}.
-        overrides = [f"{k}={v}" for k, v in {**fixed, **values}.items()]
+        # The same `name=value` arguments that `wandb agent` passes with ${args_no_hyphens} (an agent's runs
+        # are grouped by their sweep); the study's name groups the local runs on the dashboard.
+        overrides = [f"log.group={json.dumps(str(name))}", *(f"{k}={v}" for k, v in {**fixed, **values}.items())]
         runs.append(_build_run(cls, doc["program"], config, overrides, values, f"{path} run {values}"))
     dirs = [r.output_dir for r in runs]
     if len(set(dirs)) != len(dirs):
         raise StudyError(f"{path}: several runs share an output_dir; put every swept parameter in the output_dir "
                          f"value as a field, e.g. {{{next(iter(swept), 'loss.name')}}}; swept: {', '.join(swept)}")
     root = Path(os.path.commonpath([str(d) for d in dirs])) if len(dirs) > 1 else dirs[0].parent
-    return Study(doc.get("name", path.stem), "sweep", doc.get("description", ""), runs, root / "report")
+    return Study(name, "sweep", doc.get("description", ""), runs, root / "report")
 
 
 def _load_experiment(path: Path, doc: dict) -> Study:
     if "output_dir" not in doc:
         raise StudyError(f"{path}: an experiment needs an `output_dir` (the runs go to OUTPUT_DIR/NAME)")
     root = Path(doc["output_dir"])
-    runs = []
+    runs, study = [], doc.get("name", path.stem)
     for name, spec in doc["runs"].items():
         where = f"{path} run {name!r}"
         if not isinstance(spec, dict):
@@ -155,9 +156,9 @@ def _load_experiment(path: Path, doc: dict) -> Study:
         if unknown:
             raise StudyError(f"{where}: unknown keys {sorted(unknown)}; valid keys: program, config, overrides")
         cls = _config_class(spec.get("program"), where)
-        overrides = [*spec.get("overrides", []), f"output_dir={root / name}"]
+        overrides = [f"log.group={json.dumps(str(study))}", *spec.get("overrides", []), f"output_dir={root / name}"]
         runs.append(_build_run(cls, spec["program"], spec.get("config"), overrides, {"run": name}, where))
-    return Study(doc.get("name", path.stem), "experiment", doc.get("description", ""), runs, root / "report")
+    return Study(study, "experiment", doc.get("description", ""), runs, root / "report")
 
 
 def train_all(study: Study, gpus: Optional[list[str]] = None) -> list[dict]:

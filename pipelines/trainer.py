@@ -22,6 +22,8 @@ from .loop import NonFiniteGuard, Upkeep, progress, steps_from
 from .model_card import GRID_FILE, TRAINING_FILE, write_model_card
 from .publish import check_can_push, push_run
 from .run import Run, start_run
+from .tracking import log_export
+from .typed_yaml import to_dict
 
 
 class Family(Protocol):
@@ -96,6 +98,19 @@ class Training:
                 "wall_seconds": round(run.clock.seconds(), 1), "processes": acc.num_processes, "device": device,
                 "mixed_precision": acc.mixed_precision}
 
+    def log_exports(self) -> None:
+        """The final export (aliases `latest`, `step-N`) and `best/` (alias `best`) as model artifacts of the W&B run."""
+        cfg, acc, out = self.run.cfg, self.run.accelerator, self.run.out
+        if not cfg.log.artifacts:
+            return
+        config = to_dict(cfg)
+        last_eval = self.evaluator.last if self.evaluator is not None else None
+        log_export(acc, out / "pipeline", ["latest", f"step-{self.step}"],
+                   {**self.training_info(), "metrics": last_eval, "config": config})
+        if (out / "best" / "best.json").is_file():
+            log_export(acc, out / "best", ["best"], {**json.loads((out / "best" / "best.json").read_text()),
+                                                     "config": config})
+
     def evaluate(self, epoch: int, step: int) -> None:
         if self.evaluator is not None:
             self.evaluator(epoch, step)
@@ -149,6 +164,7 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
         with training.inference():
             family.final_pictures(step)
         training.export(run.out / "pipeline")
+        training.log_exports()
         run.accelerator.print(f"done: {step} steps; pipeline in {run.out / 'pipeline'}; grids in {run.out / 'grids'}")
     run.accelerator.end_training()
     if cfg.export.push_to_hub and run.accelerator.is_main_process:

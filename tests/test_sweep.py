@@ -69,6 +69,8 @@ def test_wandb_agent_runs_the_configs_the_local_runner_plans(path):
         assert argv[:3] == ["/usr/bin/env", "python", "train_cgan.py"]
         args = parse_args("", argv[3:])
         agent_cfg = load_config(CGANConfig, args.config, args.overrides)
+        assert run.cfg.log.group == load_study(path).name and agent_cfg.log.group is None
+        agent_cfg.log.group = run.cfg.log.group  # W&B groups an agent's runs by their sweep by itself
         assert args.resume == "latest" and to_dict(agent_cfg) == to_dict(run.cfg)
 
 
