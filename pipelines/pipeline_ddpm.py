@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline_common import (
@@ -96,8 +97,11 @@ class ClassConditionalDiffusionPipeline(ClassConditionalMixin, DiffusionPipeline
         `latents`: the starting noise (B, C, H, W) instead of drawing it.
         `callback_on_step_end(pipe, i, t, tensors)` is called after each step with the tensors named
         in `callback_on_step_end_tensor_inputs` (`"latents"`); a returned `"latents"` replaces them.
-        `callback(i, t, sample)`: the older per-step callback, still called.
+        `callback(i, t, sample)`: the older per-step callback, still called, deprecated as in diffusers.
         """
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Passing `callback` as an input argument to `__call__` is deprecated, "
+                      "consider using `callback_on_step_end`")
         labels = class_label_tensor(class_labels, self.config.id2label, self.num_classes, self._execution_device)
         bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad_inputs:

@@ -262,3 +262,22 @@ def test_fp16_variant_saves_and_loads(family, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # fp16 rounding: 2^-11 relative
     half = type(pipe).from_pretrained(tmp_path / "v", variant="fp16", torch_dtype=torch.float16)
     assert getattr(half, component).dtype == torch.float16
+
+
+def test_the_older_callback_still_sees_every_step_with_diffusers_deprecation_warning():
+    pipe = tiny_ddpm()
+    seen = []
+    with pytest.warns(FutureWarning, match="callback_on_step_end"):
+        images(pipe, callback=lambda i, t, sample: seen.append((i, tuple(sample.shape))))
+    assert seen == [(0, (3, 1, 8, 8)), (1, (3, 1, 8, 8)), (2, (3, 1, 8, 8))]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_call_frees_the_offload_hooks(family, monkeypatch):
+    """diffusers' pipelines end every call with `maybe_free_model_hooks()` (CPU offload puts the models back)."""
+    pipe = FAMILIES[family]()
+    calls = []
+    monkeypatch.setattr(pipe, "maybe_free_model_hooks", lambda: calls.append(1))
+    images(pipe)
+    pipe([0], output_type="np", return_dict=False)
+    assert calls == [1, 1]
