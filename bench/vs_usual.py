@@ -2,7 +2,7 @@
 
 OURS: the path `train_ddpm.py` runs: `BatchLoader` batches of device-resident uint8 tensors,
 `DiffusionStep` (accelerate, gradient clipping, LR schedule, foreach EMA, label dropout,
-non-finite guard; one host sync per step for that guard).
+non-finite guard, decided on the device: no host sync per step).
 USUAL: a loop in the style of diffusers' `examples/unconditional_image_generation/train_unconditional.py`:
 a `DataLoader(shuffle=True)` over the `datasets` set with per-sample torchvision transforms
 (`set_transform`), `accelerator.accumulate`, `accelerator.clip_grad_norm_`, the example's

@@ -15,10 +15,10 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from .checkpoints import generator_state, load_generator_state
 from .config import ConfigError, DDPMOptimConfig, DiffusionConfig
-from .ema import make_ema
+from .ema import ema_step, make_ema
 from .grids import save_grid
 from .losses import DiffusionObjective, ShardedDraw
-from .loop import NonFiniteGuard
+from .loop import FUSED_DEVICES, NonFiniteGuard
 from .models.unet import build_unet
 from .pipeline_ddpm import ClassConditionalDiffusionPipeline
 from .plots import denoising_strip, plot_losses, plot_schedule
@@ -32,8 +32,8 @@ def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 
 def build_optimizer(unet: torch.nn.Module, cfg: DDPMOptimConfig, device: torch.device) -> torch.optim.AdamW:
-    # The fused kernel is one launch for all parameters; it exists on CUDA.
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # The fused kernel is one launch for all parameters, and it skips a non-finite step on the device.
+    fused = {"fused": True} if device.type in FUSED_DEVICES else {}
     return torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
 
 
@@ -69,6 +69,7 @@ class DiffusionStep:
     guard: NonFiniteGuard
     max_grad_norm: Optional[float] = 1.0
     ema: Optional[object] = None
+    skip: Optional[torch.Tensor] = None  # the guard's verdict over this update's micro-batches so far
 
     def __call__(self, x0: torch.Tensor, labels: torch.Tensor) -> dict:
         acc = self.accelerator
@@ -76,17 +77,22 @@ class DiffusionStep:
         with acc.accumulate(self.unet):
             loss = self.objective(self.unet, x0, labels, self.draw)
             metrics["loss"] = loss.detach()
-            if not self.guard.ok(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return metrics
+            # A non-finite loss in any micro-batch, on any process, skips the whole update on the device;
+            # every process still runs its backward, so none waits alone in the gradient all-reduce.
+            found = self.guard.check(loss)
+            self.skip = found if self.skip is None else torch.maximum(self.skip, found)
             acc.backward(loss)
             if acc.sync_gradients and self.max_grad_norm is not None:
                 metrics["grad_norm"] = acc.clip_grad_norm_(self.unet.parameters(), self.max_grad_norm)
-            self.optimizer.step()
+            if acc.sync_gradients:
+                self.guard.record(self.skip)
+                self.guard.step(self.optimizer, self.skip)
             self.lr_schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if acc.sync_gradients and self.ema is not None:
-            self.ema.step(acc.unwrap_model(self.unet).parameters())
+        if acc.sync_gradients:
+            if self.ema is not None:
+                ema_step(self.ema, acc.unwrap_model(self.unet).parameters(), self.skip)
+            self.skip = None
         return metrics
 
 
@@ -112,7 +118,7 @@ class DDPM:
         self.unet, self.optimizer, self.lr_schedule = acc.prepare(unet, optimizer, lr_schedule)
         self.model = acc.unwrap_model(self.unet)
         self.ema = make_ema(self.model, cfg.train.ema_decay, run.device)
-        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, acc)
         # One generator for the training noise, seeded alike on every process.
         self.noise_rng = torch.Generator(run.device).manual_seed(cfg.seed)
         self.step = DiffusionStep(

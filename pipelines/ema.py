@@ -19,6 +19,23 @@ def make_ema(model: torch.nn.Module, decay: Optional[float], device: torch.devic
     return ema
 
 
+def ema_step(ema, parameters, skip: torch.Tensor) -> None:
+    """`EMAModel.step`, except that where `skip` (a device tensor, 1.0 for a skipped optimizer step) is set the
+    shadow weights stay as they were, decided on the device: the non-finite guard's skip, no host sync."""
+    parameters = list(parameters)
+    ema.optimization_step += 1
+    decay = ema.get_decay(ema.optimization_step)
+    ema.cur_decay_value = decay
+    weight = (1.0 - decay) * (1.0 - skip)
+    trained = [(s, p) for s, p in zip(ema.shadow_params, parameters) if p.requires_grad]
+    if trained:
+        shadow, params = [s for s, _ in trained], [p.detach() for _, p in trained]
+        torch._foreach_add_(shadow, torch._foreach_mul(torch._foreach_sub(params, shadow), weight))
+    for s, p in zip(ema.shadow_params, parameters):
+        if not p.requires_grad:
+            s.copy_(p.detach())
+
+
 def ema_state(ema) -> dict[str, torch.Tensor]:
     """A diffusers `EMAModel` as flat tensors for safetensors (no pickle in checkpoints)."""
     state = {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -13,10 +13,10 @@ import torch
 from accelerate import Accelerator
 
 from .config import DEFAULT_GAN_LR, CGANConfig, ConfigError
-from .ema import make_ema
+from .ema import ema_step, make_ema
 from .grids import save_grid
 from .losses import GANLoss, gan_loss, gradient_penalty, mode_seeking_penalty
-from .loop import NonFiniteGuard
+from .loop import FUSED_DEVICES, NonFiniteGuard
 from .models.cgan import CGANDiscriminator, CGANGenerator
 from .pipeline_cgan import CGANPipeline
 from .run import Run, apply_speed_options
@@ -43,8 +43,8 @@ def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
 
 def make_optimizers(cfg: CGANConfig, generator: torch.nn.Module, discriminator: torch.nn.Module, device: torch.device):
     default = DEFAULT_GAN_LR[cfg.loss.name]
-    # The fused kernel is one launch for all parameters; it exists on CUDA (and recent CPU builds).
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # The fused kernel is one launch for all parameters, and it skips a non-finite step on the device.
+    fused = {"fused": True} if device.type in FUSED_DEVICES else {}
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g or default, betas=cfg.optim.betas, **fused)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d or default, betas=cfg.optim.betas, **fused)
     return opt_g, opt_d
@@ -77,7 +77,6 @@ class GANStep:
     guard: NonFiniteGuard
     ema: Optional[object] = None
     mode_seeking: float = 0.0  # MSGAN weight; > 0 gives both halves of the fake batch the same labels
-    skipped: int = field(default=0)
 
     def __call__(self, step: int, real: torch.Tensor, labels: torch.Tensor, measure_grads: bool = False) -> dict:
         acc, G, D = self.accelerator, self.generator, self.discriminator
@@ -94,16 +93,17 @@ class GANStep:
             loss_d = loss_d + self.gp_weight * gradient_penalty(D, real, fake, labels)
         metrics = {"loss_d": loss_d.detach(), "d_real": real_logits.detach().mean(),
                    "d_fake": fake_logits.detach().mean()}
+        # Every process runs every backward (a skipped one would leave the others waiting in the gradient
+        # all-reduce); a non-finite loss on any process skips the update on all, on the device.
+        skip_d = self.guard.check(loss_d)
         self.opt_d.zero_grad(set_to_none=True)
-        if not self.guard.ok(loss_d):
-            self.skipped += 1
-            return metrics
         acc.backward(loss_d)
         if measure_grads:
             metrics["grad_norm_d"] = acc.clip_grad_norm_(D.parameters(), float("inf"))
-        self.opt_d.step()
+        self.guard.step(self.opt_d, skip_d)
 
         if (step + 1) % self.critic_steps:
+            self.guard.record(skip_d)
             return metrics
 
         # Generator update, against the discriminator just updated, reusing this step's fakes.
@@ -113,16 +113,15 @@ class GANStep:
             penalty = mode_seeking_penalty(fake, z)
             metrics["mode_seeking"] = penalty.detach()
             loss_g = loss_g + self.mode_seeking * penalty
+        skip_g = torch.maximum(skip_d, self.guard.check(loss_g))  # as before: no G update after a skipped D one
+        self.guard.record(skip_g)
         self.opt_g.zero_grad(set_to_none=True)
-        if not self.guard.ok(loss_g):
-            self.skipped += 1
-            return metrics
         acc.backward(loss_g)
         if measure_grads:
             metrics["grad_norm_g"] = acc.clip_grad_norm_(G.parameters(), float("inf"))
-        self.opt_g.step()
+        self.guard.step(self.opt_g, skip_g)
         if self.ema is not None:
-            self.ema.step(unwrapped.parameters())
+            ema_step(self.ema, unwrapped.parameters(), skip_g)
         return metrics
 
 
@@ -167,7 +166,7 @@ class CGAN:
                                                                                  opt_g, opt_d)
         self.model = acc.unwrap_model(self.generator)
         self.ema = make_ema(self.model, cfg.train.ema_decay, run.device)
-        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, acc)
         self.step = GANStep(accelerator=acc, generator=self.generator, discriminator=self.discriminator,
                             opt_g=self.opt_g, opt_d=self.opt_d, loss=gan_loss(cfg.loss.name),
                             gp_weight=cfg.loss.gp_weight, critic_steps=cfg.loss.critic_steps, guard=self.guard,

@@ -19,27 +19,66 @@ if TYPE_CHECKING:
     from .run import Run
 
 
+# Devices with fused Adam/AdamW kernels (torch >= 2.4), which take the guard's skip without a host sync.
+FUSED_DEVICES = ("cuda", "cpu")
+
+
 class NonFiniteGuard:
-    """Counts non-finite losses; too many in a row stops the run (the last checkpoint stays intact)."""
+    """Skips the optimizer steps whose loss is not finite on any process, decided on the device.
 
-    def __init__(self, limit: int):
-        self.limit, self.in_row, self.total = limit, 0, 0
+    `check(loss)` gives `found_inf` (1.0: skip), the same tensor on every process (a one-number
+    all-reduce, no host sync), and every process runs its backward as usual, so the gradient
+    all-reduce never waits for a rank that skipped it; `record(found_inf)` counts each step once. `step(optimizer, found_inf)` hands it to the
+    fused Adam/AdamW kernel, which then leaves weights, moments and step count as they were (as
+    GradScaler's found-inf does). The counts are read at log steps only (`read`): too many skips in
+    a row then stop the run, with the last checkpoint intact.
+    """
 
-    def ok(self, *losses: torch.Tensor) -> bool:
-        # One host sync per step: the price of never letting a NaN into the weights.
-        finite = bool(torch.isfinite(torch.stack([l.detach().float() for l in losses])).all())
-        if finite:
-            self.in_row = 0
-            return True
-        self.in_row += 1
-        self.total += 1
-        if self.in_row >= self.limit:
+    def __init__(self, limit: int, accelerator: Optional[Accelerator] = None):
+        self.limit, self.acc = limit, accelerator
+        device = accelerator.device if accelerator is not None else torch.device("cpu")
+        # skipped in a row now, the longest run of skips since the last read, skipped in all
+        self.counts = torch.zeros(3, device=device)
+
+    def check(self, *losses: torch.Tensor) -> torch.Tensor:
+        """`found_inf` of these losses: 1.0 when one is not finite on any process."""
+        found_inf = (~torch.isfinite(torch.stack([l.detach().float() for l in losses]))).any().float()
+        if self.acc is not None and self.acc.num_processes > 1:
+            found_inf = self.acc.reduce(found_inf, reduction="sum").clamp(max=1.0)  # one rank's NaN skips all
+        return found_inf
+
+    def record(self, found_inf: torch.Tensor) -> None:
+        """Count one optimizer step's verdict (once per step: the limit counts skipped steps in a row)."""
+        in_row = (self.counts[0] + 1) * found_inf
+        self.counts = torch.stack([in_row, torch.maximum(self.counts[1], in_row), self.counts[2] + found_inf])
+
+    @staticmethod
+    def step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+        """`optimizer.step()`, skipped on the device where `found_inf` is 1 (fused kernels; others sync once)."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+        if not inner.defaults.get("fused"):
+            if not bool(found_inf):  # an optimizer without the fused kernel: a host sync decides
+                optimizer.step()
+            return
+        inner.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+
+    def read(self, counts: Optional[list[float]] = None) -> int:
+        """At a log step: the total skipped; raises when the limit in a row was reached since the last read.
+
+        `counts`: `self.counts` already read to the host (the log's one sync)."""
+        in_row, worst, total = counts if counts is not None else self.counts.tolist()
+        self.counts = torch.stack([self.counts[0], self.counts[0], self.counts[2]])
+        if worst >= self.limit:
             raise FloatingPointError(
-                f"{self.in_row} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
+                f"{int(worst)} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
                 "stopping. The last checkpoint is intact: lower the learning rate or use mixed_precision=no/bf16, "
                 "then --resume latest"
             )
-        return False
+        return int(total)
 
 
 class WallClock:
@@ -98,10 +137,10 @@ class Upkeep:
     Metrics arrive as device tensors and are read (one host sync) only when a log is due.
     """
 
-    def __init__(self, *, run: "Run", tasks: UpkeepTasks):
+    def __init__(self, *, run: "Run", tasks: UpkeepTasks, guard: NonFiniteGuard):
         self.acc, self.cfg, self.out = run.accelerator, run.cfg, run.out
         self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
-        self.tasks = tasks
+        self.tasks, self.guard = tasks, guard
         self.clock = run.clock
         self.ckpt_clock = WallClock(self.cfg.checkpoint.every_minutes)
         self.pending: list[dict] = []
@@ -133,9 +172,12 @@ class Upkeep:
         if log_due:
             keys = sorted({k for m in self.pending for k in m})
             means = torch.stack([torch.stack([m[k] for m in self.pending if k in m]).float().mean() for k in keys])
-            # Averaged over processes too, so the curve is the global batch's whole; one host sync per log.
-            record = dict(zip(keys, self.acc.reduce(means, reduction="mean").tolist()))
-            record.update(step=step, epoch=(step - 1) // self.steps_per_epoch + 1, **scalars)
+            # Averaged over processes too, so the curve is the global batch's whole; the guard's counts (the same
+            # on every process) ride along: one host sync per log.
+            values = self.acc.reduce(torch.cat([means, self.guard.counts]), reduction="mean").tolist()
+            record = dict(zip(keys, values))
+            record.update(step=step, epoch=(step - 1) // self.steps_per_epoch + 1, **scalars,
+                          nonfinite_skipped=self.guard.read(values[len(keys):]))
             self.pending.clear()
             self.acc.log(record, step=step)
             if self.acc.is_main_process:

@@ -141,7 +141,7 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
     family = family_type(run)  # networks, optimizers, EMA, the training step
     step = resume(run, family, args.resume)
     training = Training(run, family, step)
-    upkeep = Upkeep(run=run, tasks=training)
+    upkeep = Upkeep(run=run, tasks=training, guard=family.guard)
     if run.accelerator.is_main_process:
         check_can_push(cfg.export)  # a token, not offline, a namespace it may write: known before hours of training
     start_run(run.accelerator, cfg, run.out)  # set-up passed: only now does the run write config.yaml and open W&B
@@ -152,7 +152,7 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
         step += 1
         training.step = step
         bar.update(1)
-        record = upkeep.after_step(step, metrics, **family.scalars(), nonfinite_skipped=family.guard.total)
+        record = upkeep.after_step(step, metrics, **family.scalars())
         if record:
             bar.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in family.progress_keys})
     bar.close()

@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 
 import pipelines.checkpoints
+import pipelines.gan
 import pipelines.loop
 
 
@@ -122,6 +123,23 @@ def install(fault: str) -> None:
                 f.truncate(0)
                 f.write(b"\0" * max(free - leave, 0))
         at_checkpoint(n, fill)
+    elif kind == "nan-on-rank":  # NaN images on one rank at one step; every rank dumps its weights each step
+        rank, at = (int(x) for x in arg.split(":"))
+        real_call = pipelines.gan.GANStep.__call__
+        me = int(os.environ.get("RANK", "0"))
+
+        def call(self, step, real, labels, measure_grads=False):
+            if me == rank and step == at:
+                real = real * float("nan")  # D's loss is NaN on this rank only
+            metrics = real_call(self, step, real, labels, measure_grads)
+            from safetensors.torch import save_file
+
+            weights = {f"{name}.{k}": v.detach().cpu().contiguous() for name, net in
+                       (("G", self.generator), ("D", self.discriminator))
+                       for k, v in self.accelerator.unwrap_model(net).state_dict().items()}
+            save_file(weights, f"weights.{me}.safetensors")
+            return metrics
+        pipelines.gan.GANStep.__call__ = call
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -140,23 +140,46 @@ def test_an_export_under_the_old_architecture_name_loads_and_is_saved_under_the_
     assert json.loads((tmp_path / "new" / "model" / "config.json").read_text())["arch"] == new
 
 
-def test_nonfinite_loss_skips_the_step_and_stops_after_the_limit():
-    g, d = CGANGenerator(base_channels=8), CGANDiscriminator(base_channels=8)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_on_the_device", "unfused_by_a_host_sync"])
+def test_nonfinite_loss_skips_the_step_and_stops_after_the_limit(fused):
     from accelerate import Accelerator
 
+    g, d = CGANGenerator(base_channels=8), CGANDiscriminator(base_channels=8)
     acc = Accelerator(cpu=True)
     nan_loss = gan_loss("bce")._replace(discriminator=lambda r, f: (r.mean() + f.mean()) * float("nan"))
-    opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), fused=fused), torch.optim.Adam(d.parameters(), fused=fused)
+    guard = NonFiniteGuard(limit=3, accelerator=acc)
     step = GANStep(accelerator=acc, generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, loss=nan_loss,
-                   guard=NonFiniteGuard(limit=3))
-    before = [p.clone() for p in d.parameters()]
+                   guard=guard)
+    before = [p.clone() for p in [*d.parameters(), *g.parameters()]]
     x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4)
     step(0, x, y)
     step(1, x, y)
-    assert step.skipped == 2
-    assert all(torch.equal(a, b) for a, b in zip(before, d.parameters()))
+    assert guard.read() == 2  # read at log steps: 2 skipped, fewer than 3 in a row
+    assert all(torch.equal(a, b) for a, b in zip(before, [*d.parameters(), *g.parameters()]))
+    assert all(not opt.state or int(next(iter(opt.state.values()))["step"]) == 0 for opt in (opt_d, opt_g))
+    step(2, x, y)
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
-        step(2, x, y)
+        guard.read()
+
+
+def test_the_ema_of_a_skipped_step_stays_and_otherwise_matches_diffusers_ema_step():
+    from pipelines.ema import ema_step, make_ema
+
+    torch.manual_seed(0)
+    g = CGANGenerator(base_channels=8)
+    ours, theirs = make_ema(g, 0.9, torch.device("cpu")), make_ema(g, 0.9, torch.device("cpu"))
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(1.0)
+    kept = [s.clone() for s in ours.shadow_params]
+    ema_step(ours, g.parameters(), torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(kept, ours.shadow_params))
+    ema_step(ours, g.parameters(), torch.tensor(0.0))
+    theirs.optimization_step = 1  # ours counted the skipped step too
+    theirs.step(g.parameters())
+    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_mode_seeking_pairs_share_labels_and_penalise_equal_images():

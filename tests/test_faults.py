@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from pipelines.config import CGANConfig, DDPMConfig
 from pipelines.checkpoints import list_checkpoints, resolve_resume
@@ -187,6 +188,23 @@ def test_sigterm_to_one_of_two_processes_writes_the_only_checkpoint_and_both_res
     assert logged_steps(out)[-(16 - step):] == list(range(step + 1, 17))
     assert_same_state(checkpoint_state(final_checkpoint(out)), checkpoint_state(final_checkpoint(reference)))
     assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(reference / "pipeline"))
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank_without_a_hang(tmp_path):
+    """Rank 1 alone sees a NaN loss at step 3: both ranks skip that update (decided on the device), nobody
+    waits alone in the gradient all-reduce, and the weights stay identical on both ranks."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
+                    [str(HARNESS), "nan-on-rank:1:3", "train_cgan", f"output_dir={out}", "log.wandb=disabled", *TWO],
+                    timeout=300)
+    assert result.returncode == 0, result.report
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in records] == [0] * 3 + [1] * (len(records) - 3)  # step 4 was skipped
+    rank0, rank1 = (load_file(str(tmp_path / f"weights.{r}.safetensors")) for r in (0, 1))
+    weights = [k for k in rank0 if "running" not in k and "num_batches" not in k]  # BatchNorm stats are per rank
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in weights)
 
 
 @pytest.fixture(scope="module")
