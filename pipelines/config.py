@@ -192,6 +192,7 @@ class GANOptimConfig:
     lr_g: Optional[float] = None  # None: the loss's usual rate (DEFAULT_GAN_LR)
     lr_d: Optional[float] = None
     betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's beta1=0.5 keeps the adversarial game from oscillating
+    scale_lr: bool = False  # multiply the rates by processes x accumulation (linear scaling in the global batch)
 
     def validate(self) -> None:
         for key in ("lr_g", "lr_d"):
@@ -214,9 +215,13 @@ class TrainConfig:
     # Speed options, applied to the networks in place (checkpoints and exports are the same either way):
     compile: bool = False  # torch.compile the forward passes; pays on GPUs, costs compile time up front
     channels_last: bool = False  # NHWC memory format for the conv nets; pays with bf16/fp16 on tensor cores
+    # How long a process waits in a collective (the others' evaluation, a checkpoint on a slow filesystem)
+    # before the job is failed: torch's default for NCCL is 10 minutes, short for a long evaluation.
+    process_group_timeout_minutes: float = 60.0
 
     def validate(self) -> None:
-        for key in ("batch_size", "epochs", "gradient_accumulation_steps", "max_nonfinite_steps"):
+        for key in ("batch_size", "epochs", "gradient_accumulation_steps", "max_nonfinite_steps",
+                    "process_group_timeout_minutes"):
             check_positive(self, key, "train")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps={self.max_steps}: must be positive or null")
@@ -337,6 +342,7 @@ class DDPMOptimConfig:
     schedule: Literal["constant", "cosine", "onecycle"] = "cosine"  # onecycle: warm up, then anneal (OneCycleLR)
     warmup_steps: int = 100  # for cosine
     max_grad_norm: Optional[float] = 1.0  # gradient clipping; None turns it off
+    scale_lr: bool = False  # multiply lr by processes x accumulation (linear scaling in the global batch)
 
     def validate(self) -> None:
         if self.lr <= 0:

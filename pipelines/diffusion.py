@@ -31,10 +31,12 @@ def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
                          prediction_type=cfg.prediction_type)
 
 
-def build_optimizer(unet: torch.nn.Module, cfg: DDPMOptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(unet: torch.nn.Module, cfg: DDPMOptimConfig, device: torch.device,
+                    lr_scale: float = 1.0) -> torch.optim.AdamW:
     # The fused kernel is one launch for all parameters, and it skips a non-finite step on the device.
     fused = {"fused": True} if device.type in FUSED_DEVICES else {}
-    return torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(unet.parameters(), lr=cfg.lr * lr_scale, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             **fused)
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: DDPMOptimConfig, total_steps: int, num_processes: int):
@@ -43,7 +45,8 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: DDPMOptimConfig, to
 
     total = total_steps * num_processes
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total, 2))
+        max_lr = optimizer.param_groups[0]["lr"]  # optim.lr, scaled if asked
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total, 2))
     name = "cosine" if cfg.schedule == "cosine" else "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps * num_processes, num_training_steps=total)
 
@@ -113,7 +116,7 @@ class DDPM:
         unet = build_unet(cfg.model, data.num_classes, *run.image_shape, null_class=guidance)
         apply_speed_options(cfg, unet)
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
-        optimizer = build_optimizer(unet, cfg.optim, run.device)
+        optimizer = build_optimizer(unet, cfg.optim, run.device, run.lr_scale)
         lr_schedule = build_lr_schedule(optimizer, cfg.optim, run.total_steps, acc.num_processes)
         self.unet, self.optimizer, self.lr_schedule = acc.prepare(unet, optimizer, lr_schedule)
         self.model = acc.unwrap_model(self.unet)
@@ -144,6 +147,10 @@ class DDPM:
 
     def scalars(self) -> dict[str, float]:
         return {"lr": self.lr_schedule.get_last_lr()[0]}
+
+    def peak_rates(self) -> dict[str, float]:
+        group = self.optimizer.param_groups[0]  # the schedule's peak: OneCycle's max_lr, else the base rate
+        return {"lr": group.get("max_lr", group.get("initial_lr", group["lr"]))}
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
         return generator_state(self.noise_rng)

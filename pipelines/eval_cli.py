@@ -53,21 +53,29 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--no-pngs", action="store_true", help="do not write one PNG per sample")
     p.add_argument("--wandb", choices=["disabled", "auto", "offline", "online"], default="disabled",
                    help="also log to W&B: into the training's run when PATH is (in) a run directory")
+    p.add_argument("--timeout-minutes", type=float, default=60.0,
+                   help="how long processes wait for each other (the main one scores alone) before failing")
     p.add_argument("--wandb-new-run", action="store_true",
                    help="log to a separate run of job type eval, grouped with the training run")
     args = p.parse_args(argv)
+    if args.timeout_minutes <= 0:
+        raise ValueError(f"--timeout-minutes={args.timeout_minutes}: must be positive")
     if args.num_per_class < 2:
         raise ValueError(f"--num-per-class={args.num_per_class}: need at least 2 per class")
     if args.guidance_interval:
         check_interval(args.guidance_interval)
 
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     from .evaluation import evaluate
 
     from .run import multi_cpu
 
-    accelerator = Accelerator(cpu=multi_cpu(), log_with="wandb" if args.wandb != "disabled" else None)
+    accelerator = Accelerator(cpu=multi_cpu(), log_with="wandb" if args.wandb != "disabled" else None,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.timeout_minutes))])
     path = Path(args.path)
     sampler = "-".join(str(v) for v in (args.scheduler, args.steps and f"{args.steps}steps",
                                         args.guidance is not None and f"w{args.guidance}",

@@ -41,12 +41,15 @@ def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
     return generator, discriminator
 
 
-def make_optimizers(cfg: CGANConfig, generator: torch.nn.Module, discriminator: torch.nn.Module, device: torch.device):
+def make_optimizers(cfg: CGANConfig, generator: torch.nn.Module, discriminator: torch.nn.Module, device: torch.device,
+                    lr_scale: float = 1.0):
     default = DEFAULT_GAN_LR[cfg.loss.name]
     # The fused kernel is one launch for all parameters, and it skips a non-finite step on the device.
     fused = {"fused": True} if device.type in FUSED_DEVICES else {}
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g or default, betas=cfg.optim.betas, **fused)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d or default, betas=cfg.optim.betas, **fused)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=(cfg.optim.lr_g or default) * lr_scale, betas=cfg.optim.betas,
+                             **fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=(cfg.optim.lr_d or default) * lr_scale,
+                             betas=cfg.optim.betas, **fused)
     return opt_g, opt_d
 
 
@@ -161,7 +164,7 @@ class CGAN:
         channels, size = run.image_shape
         generator, discriminator = build_cgan(cfg, run.data.num_classes, channels, size)
         apply_speed_options(cfg, generator, discriminator)
-        opt_g, opt_d = make_optimizers(cfg, generator, discriminator, run.device)
+        opt_g, opt_d = make_optimizers(cfg, generator, discriminator, run.device, run.lr_scale)
         self.generator, self.discriminator, self.opt_g, self.opt_d = acc.prepare(generator, discriminator,
                                                                                  opt_g, opt_d)
         self.model = acc.unwrap_model(self.generator)
@@ -183,6 +186,9 @@ class CGAN:
 
     def scalars(self) -> dict[str, float]:
         return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
+
+    def peak_rates(self) -> dict[str, float]:
+        return self.scalars()  # constant rates
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
         return {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -103,7 +104,9 @@ class Run:
         from accelerate import PartialState
 
         clock = TrainClock()  # from the start: data loading is part of the run's time
-        out = prepare_run_dir(cfg.output_dir, resume, overwrite, PartialState(cpu=multi_cpu()))
+        # The first collective creates the process group: its timeout is set here, for the whole run.
+        state = PartialState(cpu=multi_cpu(), timeout=timedelta(minutes=cfg.train.process_group_timeout_minutes))
+        out = prepare_run_dir(cfg.output_dir, resume, overwrite, state)
         run = cls.build(cfg, make_accelerator(cfg, out), out)
         run.clock = clock
         return run
@@ -137,3 +140,18 @@ class Run:
     @property
     def accumulation(self) -> int:
         return self.cfg.train.gradient_accumulation_steps
+
+    @property
+    def lr_scale(self) -> float:
+        """`optim.scale_lr`: the rates times processes x accumulation (the recipes are tuned on one process)."""
+        return float(self.accelerator.num_processes * self.accumulation) if self.cfg.optim.scale_lr else 1.0
+
+    def scaling_line(self, rates: dict[str, float]) -> str:
+        """What a user changing the GPU count needs to see: processes, batches, accumulation, the rates in use."""
+        acc, train = self.accelerator, self.cfg.train
+        scaled = (f"scaled x{self.lr_scale:g} by optim.scale_lr" if self.cfg.optim.scale_lr
+                  else "as configured; optim.scale_lr=true scales them with the global batch")
+        return (f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''} ({acc.device.type}) x batch "
+                f"{train.batch_size} x accumulation {self.accumulation} = global batch "
+                f"{acc.num_processes * train.batch_size * self.accumulation}; learning rates "
+                + ", ".join(f"{k}={v:.3g}" for k, v in rates.items()) + f" ({scaled})")

@@ -42,6 +42,8 @@ class Family(Protocol):
 
     def scalars(self) -> dict[str, float]: ...  # logged beside the metrics: learning rates
 
+    def peak_rates(self) -> dict[str, float]: ...  # the learning rates in use, at their schedule's peak
+
     def checkpoint_extra(self) -> dict[str, torch.Tensor]: ...  # state beyond models, optimizers and RNGs
 
     def restore(self, extra: dict[str, torch.Tensor], checkpoint: Path) -> None: ...
@@ -139,6 +141,7 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
     """Train `cfg` with the family `family_type` (`--resume`, `--overwrite` in `args`); returns the run directory."""
     run = Run.open(cfg, args.resume, args.overwrite)  # run dir checked, Accelerator seeded, data on the device
     family = family_type(run)  # networks, optimizers, EMA, the training step
+    run.accelerator.print(run.scaling_line(family.peak_rates()))
     step = resume(run, family, args.resume)
     training = Training(run, family, step)
     upkeep = Upkeep(run=run, tasks=training, guard=family.guard)

@@ -123,6 +123,17 @@ def install(fault: str) -> None:
                 f.truncate(0)
                 f.write(b"\0" * max(free - leave, 0))
         at_checkpoint(n, fill)
+    elif kind == "record-pg-timeout":  # the timeout the process group is created with, per rank
+        import torch.distributed
+
+        real_init = torch.distributed.init_process_group
+
+        def init_process_group(*args, **kwargs):
+            timeout = kwargs.get("timeout")
+            Path(f"pg_timeout.{os.environ.get('RANK', '0')}").write_text(str(timeout.total_seconds() if timeout
+                                                                              else None))
+            return real_init(*args, **kwargs)
+        torch.distributed.init_process_group = init_process_group
     elif kind == "nan-on-rank":  # NaN images on one rank at one step; every rank dumps its weights each step
         rank, at = (int(x) for x in arg.split(":"))
         real_call = pipelines.gan.GANStep.__call__

@@ -310,3 +310,15 @@ def test_two_processes_of_batch_b_train_the_weights_one_process_of_batch_2b_trai
         torch.testing.assert_close(b[key], a[key], atol=drift if loose else 2e-5, rtol=0 if loose else 1e-4,
                                    msg=lambda m: f"{key}: {m}")
     ClassConditionalDiffusionPipeline.from_pretrained(str(two / "pipeline"))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "onecycle"])
+def test_scale_lr_multiplies_the_rate_by_processes_times_accumulation(schedule, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_script("train_ddpm", DDPMConfig, out, TINY + [
+        "train.max_steps=2", "train.gradient_accumulation_steps=2", "optim.scale_lr=true", "optim.lr=1e-3",
+        f"optim.schedule={schedule}", "optim.warmup_steps=0", "log.every_steps=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "x accumulation 2 = global batch" in printed and "lr=0.002 (scaled x2 by optim.scale_lr)" in printed
+    if schedule == "constant":
+        assert json.loads((out / "stats.jsonl").read_text().splitlines()[0])["lr"] == pytest.approx(2e-3)

@@ -207,6 +207,21 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_without_a_hang(tmp_path)
     assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in weights)
 
 
+def test_two_processes_print_their_scaling_use_the_process_group_timeout_and_scale_lr(tmp_path):
+    out = tmp_path / "run"
+    result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
+                    [str(HARNESS), "record-pg-timeout", "train_cgan", f"output_dir={out}", "log.wandb=disabled", *TWO,
+                     "train.max_steps=2", "train.process_group_timeout_minutes=90", "optim.scale_lr=true",
+                     "optim.lr_g=1e-4", "optim.lr_d=3e-4"], timeout=300)
+    assert result.returncode == 0, result.report
+    assert ("2 processes (cpu) x batch 16 x accumulation 1 = global batch 32; learning rates lr_g=0.0002, "
+            "lr_d=0.0006 (scaled x2 by optim.scale_lr)") in result.stdout
+    assert result.stdout.count("2 processes (cpu)") == 1  # the main process prints it
+    assert [(tmp_path / f"pg_timeout.{r}").read_text() for r in (0, 1)] == ["5400.0", "5400.0"]
+    record = json.loads((out / "stats.jsonl").read_text().splitlines()[-1])
+    assert record["lr_g"] == pytest.approx(2e-4) and record["lr_d"] == pytest.approx(6e-4)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "full"

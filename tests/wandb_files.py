@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def read_records(path: Path) -> list:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == FULL:
@@ -70,13 +73,24 @@ class OfflineRun:
         return [row["_step"] for row in self.history if key in row or any(k.startswith(key + "/") for k in row)]
 
 
+def finished_records(file: Path, timeout: float = 30.0) -> list:
+    """The records of a finished run. wandb's service process writes the file; a run that returned from
+    `finish()` may still be flushing there (seen on a loaded machine), so wait for its exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def offline_runs(output_dir: Path) -> list[OfflineRun]:
     """Every offline run folder under `output_dir/wandb`, oldest first, parsed."""
     runs = []
     for folder in sorted((Path(output_dir) / "wandb").glob("offline-run-*")):
         [file] = folder.glob("run-*.wandb")
         parsed = OfflineRun(folder)
-        for record in read_records(file):
+        for record in finished_records(file):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 parsed.run = record.run
@@ -86,5 +100,6 @@ def offline_runs(output_dir: Path) -> list[OfflineRun]:
                 parsed.metrics[record.metric.name] = record.metric
             elif kind == "artifact":
                 parsed.artifacts.append(record.artifact)
+        assert parsed.run is not None, f"{file} has no run record"
         runs.append(parsed)
     return runs
