@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +23,8 @@ from .metrics import (
     FeatureExtractor, classifier_extractor, collapsed_classes, combined_score, extract, fid, inception_extractor,
     inception_score, kid, lpips_status, mean_lpips, per_class_report,
 )
+
+logger = logging.getLogger(__name__)
 
 SHIPPED_CLASSIFIERS = Path(__file__).resolve().parent / "classifiers"  # package data: installed with the package
 
@@ -85,6 +90,33 @@ def generate(pipe, labels: torch.Tensor, batch_size: int, seed: int, accelerator
     return torch.cat(ordered)[: len(labels)]
 
 
+def classifier_cache() -> Path:
+    """Where classifiers trained on first use are kept: $XDG_CACHE_HOME (or ~/.cache)/class-conditional-generation."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "class-conditional-generation" / "classifiers"
+
+
+def cached_classifier(data_cfg: DataConfig, device: torch.device) -> Path:
+    """The classifier of a dataset no classifier ships for (CIFAR-10, the user's own): trained on its training
+    split the first time (its test accuracy written beside it), then reused by every run on the same data."""
+    from .classifier import save_classifier, train_classifier
+
+    data_cfg = replace(data_cfg, split="train", limit=None)
+    identity = json.dumps({"name": data_cfg.name, "path": str(Path(data_cfg.path).resolve()) if data_cfg.path
+                           else None, "classes": data_cfg.classes, "pad_to": data_cfg.pad_to}, sort_keys=True)
+    path = classifier_cache() / f"{data_cfg.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    if path.is_dir():
+        logger.info("using the classifier trained earlier for this data: %s", path)
+        return path
+    logger.warning("no classifier ships for data.name=%s: training one on its training split for the offline "
+                   "metrics (once; cached in %s)", data_cfg.name, path)
+    model, info = train_classifier(data_cfg, device=str(device), log=logger.info)
+    info["data_identity"] = json.loads(identity)
+    save_classifier(model, info, path)
+    logger.warning("classifier trained: test accuracy %.4f (%s)", info["test_accuracy"], path)
+    return path
+
+
 def balanced_subset(data: ImageTensors, per_class: int) -> ImageTensors:
     """The first `per_class` images of every class (the real-data floor at the same N)."""
     keep = torch.cat([(data.labels == k).nonzero().flatten()[:per_class] for k in range(data.num_classes)])
@@ -100,6 +132,8 @@ def make_extractor(kind: str, classifier_path: Optional[str | Path], data_cfg: D
     from .classifier import load_classifier
 
     path = Path(classifier_path) if classifier_path else SHIPPED_CLASSIFIERS / data_cfg.name
+    if classifier_path is None and not path.is_dir():
+        path = cached_classifier(data_cfg, device)  # none shipped for this data: train one, once
     model, info = load_classifier(path)
     return classifier_extractor(model, device), {"classifier": str(path), "classifier_test_accuracy":
                                                  info.get("test_accuracy")}

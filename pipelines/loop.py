@@ -119,6 +119,10 @@ def progress(accelerator: Accelerator, total: int, initial: int, desc: str):
                 dynamic_ncols=True)
 
 
+class EvaluationInterrupted(Exception):
+    """SIGTERM arrived during an in-training evaluation: it is dropped, the checkpoint and exit follow."""
+
+
 class UpkeepTasks(Protocol):
     """The run's own work that the upkeep schedules (`trainer.Training` does it)."""
 
@@ -146,12 +150,28 @@ class Upkeep:
         self.pending: list[dict] = []
         self.preempted = False
         self.wants_checkpoint = False  # by wall time or SIGTERM; held until the processes agree
+        self.phase = "training"  # or "evaluation", "finishing": what SIGTERM interrupts
+        self.final_step = 0
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
-        # Cluster preemption: finish the current step, write a checkpoint, then exit (see after_step).
+        # Cluster preemption. In training: finish the current step, write a checkpoint, then exit (see
+        # after_step). In an evaluation: drop it, then the same. After training: the final checkpoint is
+        # complete, so exit at once; --resume latest draws the final pictures and exports.
         self.preempted = True
+        if self.phase == "evaluation":
+            raise EvaluationInterrupted
+        if self.phase == "finishing":
+            self.acc.print(f"SIGTERM after training: the checkpoint at step {self.final_step} is complete; "
+                           "--resume latest draws the final pictures and writes the export")
+            raise SystemExit(143)
+
+    def finishing(self, step: int) -> None:
+        """Training is over and its last checkpoint written: from now on SIGTERM exits at once."""
+        self.phase, self.final_step = "finishing", step
+        if self.preempted:  # a SIGTERM that came during the last step's upkeep
+            self._on_sigterm(signal.SIGTERM, None)
 
     def _agree(self, wants_checkpoint: bool, preempted: bool, sync: bool) -> tuple[bool, bool]:
         """Wall time and signals differ between processes, but saving is collective: with several
@@ -193,7 +213,14 @@ class Upkeep:
             self.acc.wait_for_everyone()
         every = self.cfg.eval.every_epochs
         if every and end_of_epoch and (epoch % every == 0 or last):
-            self.tasks.evaluate(epoch, step)  # the main process evaluates; the others wait for it
+            self.phase = "evaluation"
+            try:
+                if not self.preempted:
+                    self.tasks.evaluate(epoch, step)  # the main process evaluates; the others wait for it
+            except EvaluationInterrupted:
+                self.acc.print(f"SIGTERM: the evaluation at epoch {epoch} was stopped")
+            finally:
+                self.phase = "training"
             self.acc.wait_for_everyone()
         ckpt_cfg = self.cfg.checkpoint
         by_steps = step % ckpt_cfg.every_steps == 0 if ckpt_cfg.every_steps else end_of_epoch

@@ -159,6 +159,7 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
         if record:
             bar.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in family.progress_keys})
     bar.close()
+    upkeep.finishing(step)  # the final checkpoint is written: SIGTERM from here on exits at once
 
     # The final grid, the family's pictures and the export, all from the EMA weights if any.
     run.accelerator.wait_for_everyone()

@@ -36,6 +36,7 @@ import torch
 import pipelines.checkpoints
 import pipelines.gan
 import pipelines.loop
+import pipelines.trainer
 
 
 def wrap_writes(on_write) -> None:
@@ -123,6 +124,17 @@ def install(fault: str) -> None:
                 f.truncate(0)
                 f.write(b"\0" * max(free - leave, 0))
         at_checkpoint(n, fill)
+    elif kind in ("slow-final", "slow-eval"):  # a long final grid / in-training evaluation, announced by a file
+        seconds = float(arg)
+        name = "draw_grid" if kind == "slow-final" else "evaluate"
+        real_method = getattr(pipelines.trainer.Training, name)
+
+        def slow(self, *args):
+            if kind == "slow-eval" or args[0] == "final":
+                Path(kind).write_text("started")
+                time.sleep(seconds)
+            return real_method(self, *args)
+        setattr(pipelines.trainer.Training, name, slow)
     elif kind == "record-pg-timeout":  # the timeout the process group is created with, per rank
         import torch.distributed
 

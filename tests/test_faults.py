@@ -222,6 +222,50 @@ def test_two_processes_print_their_scaling_use_the_process_group_timeout_and_sca
     assert record["lr_g"] == pytest.approx(2e-4) and record["lr_d"] == pytest.approx(6e-4)
 
 
+def sigterm_when_started(proc, marker, timeout=120):
+    """SIGTERM once `marker` exists; returns (seconds from the signal to the exit, stdout)."""
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, f"{marker.name} never started: {proc.poll()}"
+        time.sleep(0.05)
+    start = time.time()
+    proc.send_signal(signal.SIGTERM)
+    printed, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    return time.time() - start, printed
+
+
+def test_sigterm_during_the_final_pictures_exits_at_once_and_resume_only_finishes(uninterrupted, tmp_path):
+    out = tmp_path / "preempted"
+    proc = harness("cgan", out, "slow-final:300", wait=False)
+    seconds, printed = sigterm_when_started(proc, tmp_path / "slow-final")
+    assert seconds < 20  # not the 300 s the final pictures would take
+    assert "SIGTERM after training: the checkpoint at step 32 is complete" in printed
+    assert not (out / "pipeline").exists() and not list(out.glob(".tmp-*"))
+    trained = logged_steps(out)
+    assert run_script("train_cgan", CGANConfig, out, LONG, "--resume", "latest") == 0
+    assert logged_steps(out) == trained  # no step trained again: only the pictures and the export
+    assert (out / "grids" / "final.png").is_file()
+    assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(uninterrupted / "pipeline"))
+
+
+def test_sigterm_during_an_evaluation_drops_it_checkpoints_and_resumes(classifier_dir, tmp_path):
+    out = tmp_path / "preempted"
+    evaluated = [f"eval.classifier={classifier_dir}", "eval.num_per_class=4", "eval.every_epochs=1",
+                 "checkpoint.every_steps=1000"]
+    proc = harness("cgan", out, "slow-eval:300", *evaluated, wait=False)
+    seconds, printed = sigterm_when_started(proc, tmp_path / "slow-eval")
+    assert seconds < 20
+    assert "SIGTERM: the evaluation at epoch 1 was stopped" in printed
+    assert "SIGTERM: saved a checkpoint at step 8" in printed
+    assert [p.name for p in list_checkpoints(out)] == ["step_000000008"]
+    assert run_script("train_cgan", CGANConfig, out, LONG + evaluated, "--resume", "latest") == 0
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss_d" in r] == list(range(1, 33))
+    assert [r["epoch"] for r in records if "eval/fid" in r] == [2, 3, 4]  # epoch 1's evaluation was dropped
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "full"

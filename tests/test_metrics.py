@@ -332,3 +332,30 @@ def test_fid_works_with_a_scipy_whose_sqrtm_takes_no_disp(monkeypatch):
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm)
     assert expected > 1 and fid(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_in_training_evaluation_without_a_shipped_classifier_trains_one_once_and_reuses_it(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """No classifier ships for this data (as for CIFAR-10 or the user's own): the first run trains one on its
+    training split and caches it; the next run on the same data uses it."""
+    import logging
+
+    from pipelines.config import CGANConfig
+    from pipelines.evaluation import classifier_cache
+    from test_cgan import TINY
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    overrides = [*TINY, "train.epochs=1", "eval.every_epochs=1", "eval.num_per_class=4"]
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
+        assert run_script("train_cgan", CGANConfig, tmp_path / "first", overrides) == 0
+    [cached] = classifier_cache().iterdir()
+    info = json.loads((cached / "classifier_info.json").read_text())
+    assert cached.name.startswith("synthetic-") and 0 <= info["test_accuracy"] <= 1
+    assert "no classifier ships for data.name=synthetic: training one" in caplog.text
+    assert f"classifier trained: test accuracy {info['test_accuracy']:.4f}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
+        assert run_script("train_cgan", CGANConfig, tmp_path / "second", overrides) == 0
+    assert "using the classifier trained earlier for this data" in caplog.text and "training one" not in caplog.text
+    assert [p.name for p in classifier_cache().iterdir()] == [cached.name]
+    assert "eval/fid" in (tmp_path / "second" / "stats.jsonl").read_text()
