@@ -32,7 +32,44 @@ def prepare_run_dir(output_dir: str | Path, resume: Optional[str], overwrite: bo
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
+    if state.num_processes > 1:
+        check_shared(out, state)
     return out
+
+
+def sees_token(path: Path, nonce: str) -> bool:
+    try:
+        return path.read_text() == nonce
+    except OSError:
+        return False
+
+
+def check_shared(out: Path, state) -> None:
+    """Every process must see the same `out`: checkpoints are renamed by the main process and each
+    process reads its own RNG file back on resume, so several machines need a shared filesystem.
+
+    The main process writes a file with a fresh nonce there; every process reads it; the verdicts are
+    gathered, so all processes fail together (no rank is left waiting in a collective)."""
+    import secrets
+    import socket
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    nonce = [secrets.token_hex(8) if state.is_main_process else None]
+    broadcast_object_list(nonce)
+    token = out / f".shared-check-{nonce[0]}"
+    if state.is_main_process:
+        token.write_text(nonce[0])
+    state.wait_for_everyone()
+    seen = gather_object([(state.process_index, socket.gethostname(), sees_token(token, nonce[0]))])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        token.unlink(missing_ok=True)
+    blind = [f"process {rank} on {host}" for rank, host, ok in seen if not ok]
+    if blind:
+        raise RunDirError(f"output_dir {out} is not shared: {', '.join(blind)} cannot see what the main process "
+                          f"({socket.gethostname() if state.is_main_process else 'process 0'}) writes there. With "
+                          "several machines, put output_dir on a filesystem all of them mount (NFS, Lustre, ...)")
 
 
 def checkpoint_dir(output_dir: Path) -> Path:

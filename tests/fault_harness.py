@@ -36,6 +36,7 @@ import torch
 import pipelines.checkpoints
 import pipelines.gan
 import pipelines.loop
+import pipelines.rundir
 import pipelines.trainer
 
 
@@ -135,6 +136,10 @@ def install(fault: str) -> None:
                 time.sleep(seconds)
             return real_method(self, *args)
         setattr(pipelines.trainer.Training, name, slow)
+    elif kind == "unshared-on-rank":  # as if this rank's output_dir were a different, local folder
+        real_sees = pipelines.rundir.sees_token
+        blind = int(arg) == int(os.environ.get("RANK", "0"))
+        pipelines.rundir.sees_token = lambda path, nonce: False if blind else real_sees(path, nonce)
     elif kind == "record-pg-timeout":  # the timeout the process group is created with, per rank
         import torch.distributed
 

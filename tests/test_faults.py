@@ -266,6 +266,19 @@ def test_sigterm_during_an_evaluation_drops_it_checkpoints_and_resumes(classifie
     assert (out / "pipeline" / "model_index.json").is_file()
 
 
+def test_an_output_dir_one_process_cannot_see_stops_every_process_with_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
+                    [str(HARNESS), "unshared-on-rank:1", "train_cgan", f"output_dir={out}", "log.wandb=disabled",
+                     *TWO], timeout=300)
+    assert result.returncode != 0
+    # Both processes stop with it, the one that sees the folder too: none is left waiting in a collective.
+    assert result.stderr.count(f"error: output_dir {out} is not shared: process 1 on ") == 2
+    assert "put output_dir on a filesystem all of them mount" in result.stderr
+    assert "pipelines/rundir.py" not in result.stderr  # one line per process; the launcher's own report follows
+    assert not (out / "config.yaml").exists() and not list(out.glob(".shared-check-*"))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "full"
