@@ -37,6 +37,13 @@ SCHEDULERS = {
 }
 
 
+def pipeline_class_name(index: dict) -> str:
+    """The pipeline class a `model_index.json` names: `"Name"`, or `["pipeline", "Name"]` when the export
+    names its own code for stock diffusers."""
+    kind = index["_class_name"]
+    return kind[-1] if isinstance(kind, list) else kind
+
+
 def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
     """A `CGANPipeline` or `ClassConditionalDiffusionPipeline` from an export folder (or a run's `pipeline/`)."""
     from .pipeline_cgan import CGANPipeline
@@ -49,11 +56,9 @@ def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not an exported pipeline (no model_index.json) nor a run directory")
     try:
-        kind = json.loads(index.read_text())["_class_name"]
+        kind = pipeline_class_name(json.loads(index.read_text()))
     except (json.JSONDecodeError, KeyError) as err:
         raise ValueError(f"{index} is malformed ({err})") from None
-    if isinstance(kind, list):  # ["pipeline", "ClassName"]: the export names its own code for stock diffusers
-        kind = kind[-1]
     classes = {"CGANPipeline": CGANPipeline, "ClassConditionalDiffusionPipeline": ClassConditionalDiffusionPipeline}
     if kind not in classes:
         raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")

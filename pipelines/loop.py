@@ -28,9 +28,9 @@ class NonFiniteGuard:
 
     `check(loss)` gives `found_inf` (1.0: skip), the same tensor on every process (a one-number
     all-reduce, no host sync), and every process runs its backward as usual, so the gradient
-    all-reduce never waits for a rank that skipped it; `record(found_inf)` counts each step once. `step(optimizer, found_inf)` hands it to the
-    fused Adam/AdamW kernel, which then leaves weights, moments and step count as they were (as
-    GradScaler's found-inf does). The counts are read at log steps only (`read`): too many skips in
+    all-reduce never waits for a rank that skipped it; `record(found_inf)` counts each step once.
+    `step(optimizer, found_inf)` hands it to the fused Adam/AdamW kernel, which then leaves weights,
+    moments and step count as they were (as GradScaler's found-inf does). The counts are read at log steps only (`read`): too many skips in
     a row then stop the run, with the last checkpoint intact.
     """
 

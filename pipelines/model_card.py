@@ -11,6 +11,8 @@ from typing import Optional
 
 import yaml
 
+from .exports import pipeline_class_name
+
 DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
 GRID_FILE = "samples.png"
 TRAINING_FILE = "training.json"  # steps, images, wall time and hardware of the training, written with the export
@@ -63,7 +65,7 @@ def training_time(export: Path) -> Optional[str]:
 def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_id: Optional[str] = None,
               revision: Optional[str] = None) -> str:
     index = json.loads((export / "model_index.json").read_text())
-    class_name = index["_class_name"][-1] if isinstance(index["_class_name"], list) else index["_class_name"]
+    class_name = pipeline_class_name(index)
     diffusion = class_name == "ClassConditionalDiffusionPipeline"
     id2label = index.get("id2label") or {str(i): n for i, n in enumerate(index.get("class_names") or [])}
     names = [id2label[k] for k in sorted(id2label, key=int)]

@@ -136,8 +136,9 @@ class Hub:
 def default_message(export: Path) -> str:
     info = export / "training.json"
     trained = json.loads(info.read_text()) if info.is_file() else {}
-    kind = json.loads((export / "model_index.json").read_text())["_class_name"]
-    kind = kind[-1] if isinstance(kind, list) else kind
+    from .exports import pipeline_class_name
+
+    kind = pipeline_class_name(json.loads((export / "model_index.json").read_text()))
     return f"{kind}" + (f" after {trained['steps']} training steps" if "steps" in trained else "")
 
 

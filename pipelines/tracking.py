@@ -182,13 +182,18 @@ def log_export(accelerator: Accelerator, folder: Path, aliases: list[str], metad
     run.log_artifact(artifact, aliases=aliases)
 
 
+def run_log_config(path: Path) -> dict:
+    """The `log` section of the config of the run that `path` is (or lies in); {} outside a run."""
+    from .model_card import run_config
+
+    return (run_config(Path(path)) or {}).get("log") or {}
+
+
 def start_eval_tracking(accelerator: Accelerator, path: Path, out: Path, mode: str,
                         new_run: bool = False) -> Optional[str]:
     """`eval.py --wandb`: continue the W&B run of the training that `path` belongs to, or (with `new_run`,
     or for an export outside a run) open a run of job type `eval`, in the training's project and group.
     Returns the training's model artifact (`model-<id>:latest`) when there is a training run."""
-    import yaml
-
     from .rundir import run_of
 
     if mode == "auto":
@@ -201,7 +206,7 @@ def start_eval_tracking(accelerator: Accelerator, path: Path, out: Path, mode: s
     if training and not new_run:
         open_run(accelerator, training, mode, run_dir)
         return model_artifact
-    log = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("log", {}) if run_dir else {}
+    log = run_log_config(path)
     identity = {"id": new_run_id(), "name": f"eval-{(training or {}).get('name') or Path(path).name}",
                 "project": (training or {}).get("project") or log.get("project") or os.environ.get("WANDB_PROJECT")
                 or DEFAULT_PROJECT, "entity": (training or {}).get("entity") or log.get("entity")}
@@ -240,15 +245,11 @@ def log_comparison(runs: list[Path], rows: list[dict], grids: Path, mode: str, f
     """`eval.py compare --wandb`: the comparison table and the side-by-side grid as a run of job type `compare`,
     in the first run's project and group. Returns the W&B run's id (None with W&B off)."""
     import wandb
-    import yaml
-
-    from .rundir import run_of
 
     mode = wandb_mode(LogConfig()) if mode == "auto" else mode
     if mode == "disabled":
         return None
-    first = run_of(runs[0])
-    log = (yaml.safe_load((first / "config.yaml").read_text()) or {}).get("log", {}) if first else {}
+    log = run_log_config(runs[0])
     run = wandb.init(project=log.get("project") or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
                      entity=log.get("entity"), group=log.get("group"), job_type="compare", mode=mode,
                      dir=str(folder), name="compare-" + "-vs-".join(Path(r).name for r in runs),
