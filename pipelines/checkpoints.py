@@ -48,6 +48,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     accelerator.wait_for_everyone()
     with cleaned_up_on_write_error(tmp, f"checkpoint at step {step}", list_checkpoints(output_dir)):
         accelerator.save_state(str(tmp))
+        # Every process writes its own random_states_R.pkl into tmp: wait for the slowest before the main
+        # process completes and renames the folder, else a late process's RNG file is missing from the
+        # checkpoint (save_state re-creates tmp and writes it there, or the write fails).
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if extra:
                 save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
