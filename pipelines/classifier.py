@@ -112,7 +112,8 @@ def train_classifier(data_cfg: DataConfig, epochs: int = 8, batch_size: int = 12
     test = load_tensors(dataclasses.replace(data_cfg, split="test"))
     model = DatasetClassifier(channels=train.channels, image_size=train.image_size, num_classes=train.num_classes,
                               width=width, feature_dim=feature_dim).to(device)
-    loader = BatchLoader(train, batch_size, seed, hflip=data_cfg.name in HFLIP_DATASETS, device=device)
+    hflip = data_cfg.hflip or data_cfg.name in HFLIP_DATASETS  # flips where a mirror image keeps its class
+    loader = BatchLoader(train, min(batch_size, len(train)), seed, hflip=hflip, device=device)  # a small set: one batch
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
     crop_gen = torch.Generator().manual_seed(seed)
@@ -136,7 +137,8 @@ def train_classifier(data_cfg: DataConfig, epochs: int = 8, batch_size: int = 12
     log(f"classifier test accuracy {accuracy:.4f} on {len(test)} images")
     info = {
         "test_accuracy": accuracy, "per_class_accuracy": per_class, "dataset": data_cfg.name,
-        "data_path": data_cfg.path, "classes": data_cfg.classes, "class_names": train.class_names,
+        "data_path": data_cfg.path, "data_source": train.source, "classes": data_cfg.classes,
+        "class_names": train.class_names, "image_size": train.image_size, "channels": train.channels, "hflip": hflip,
         "train_images": len(train), "test_images": len(test), "epochs": epochs, "seed": seed,
         "batch_size": batch_size, "lr": lr, "crop_pad": crop_pad, "train_seconds": train_seconds,
     }

@@ -20,8 +20,16 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 
 @dataclass
 class DataConfig:
-    name: Literal["fashion_mnist", "cifar10", "synthetic"] = "fashion_mnist"
+    # imagefolder: data.path holds class sub-folders; hub: any labelled image set on the Hub (data.hub_id)
+    name: Literal["fashion_mnist", "cifar10", "synthetic", "imagefolder", "hub"] = "fashion_mnist"
     path: Optional[str] = None  # an IDX folder, a folder of class sub-folders, or a `save_to_disk` dataset
+    hub_id: Optional[str] = None  # data.name=hub: a Hub dataset id (OWNER/NAME) or a local folder laid out as one
+    hub_config: Optional[str] = None  # the dataset's configuration (subset), where it has several
+    revision: Optional[str] = None  # a branch, tag or commit of the Hub dataset; None: main
+    image_column: Optional[str] = None  # None: the first of image, img, pixel_values
+    label_column: Optional[str] = None  # None: the first of label, labels, fine_label; strings become classes
+    image_size: Optional[int] = None  # resize (shorter side) + centre crop to this square, once, at decode time
+    channels: Optional[int] = None  # 1: grayscale, 3: RGB; None: RGB if any image is in colour, else grayscale
     split: Literal["train", "test"] = "train"
     classes: Optional[list[int]] = None  # keep only these classes, relabelled 0..k-1 (e.g. [3, 5]: cat and dog)
     pad_to: Optional[int] = None  # e.g. 32: pad Fashion-MNIST 28 -> 32 for U-Nets that halve three times
@@ -33,11 +41,27 @@ class DataConfig:
     on_device: bool = True  # keep the uint8 images on the accelerator (60k x 28 x 28 is 47 MB)
 
     def validate(self) -> None:
+        if self.name == "imagefolder" and self.path is None:
+            raise ConfigError("data.name=imagefolder needs data.path: a folder of class sub-folders "
+                              "(PATH/<class>/<images>, or PATH/train/<class>/... and PATH/test/<class>/...)")
+        if self.name == "hub" and not self.hub_id:
+            raise ConfigError("data.name=hub needs data.hub_id: a Hub dataset id such as OWNER/NAME")
+        if self.name == "hub" and self.path is not None:
+            raise ConfigError(f"data.path={self.path} with data.name=hub: give one source, data.hub_id for the Hub "
+                              "or data.name=imagefolder with data.path for a folder")
+        for key in ("hub_id", "hub_config", "revision"):
+            if getattr(self, key) is not None and self.name != "hub":
+                raise ConfigError(f"data.{key}={getattr(self, key)} is only read with data.name=hub "
+                                  f"(data.name is {self.name})")
         if self.classes is not None:
             if not self.classes or len(set(self.classes)) != len(self.classes) or min(self.classes) < 0:
                 raise ConfigError(f"data.classes={self.classes}: must be a non-empty list of distinct class ids >= 0")
         if self.pad_to is not None and self.pad_to < 1:
             raise ConfigError(f"data.pad_to={self.pad_to}: must be a positive image size")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(f"data.image_size={self.image_size}: must be at least 8 (pixels per side)")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"data.channels={self.channels}: valid choices are 1 (grayscale), 3 (RGB) or null")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit={self.limit}: must be positive")
         check_positive(self, "synthetic_size", "data")

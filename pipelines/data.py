@@ -2,19 +2,22 @@
 
 Sources, in the order they are tried:
   * `data.path`: an IDX folder (the original Fashion-MNIST files), a `save_to_disk` dataset, or a
-    folder of class sub-folders (loaded with the `imagefolder` builder);
+    folder of class sub-folders (loaded with the `imagefolder` builder; `data.name=imagefolder`);
   * `fashion_mnist` offline: the Debian package `dataset-fashion-mnist`'s IDX files;
-  * the Hub (`zalando-datasets/fashion_mnist`, `uoft-cs/cifar10`), unless `HF_HUB_OFFLINE` is set;
+  * the Hub: `zalando-datasets/fashion_mnist`, `uoft-cs/cifar10`, or any labelled image set
+    (`data.name=hub`, `data.hub_id`), through `datasets.load_dataset` and its cache;
   * `synthetic`: a tiny deterministic set of class-dependent shapes, for tests.
 Whatever the source, the result is a `datasets.Dataset` with an `image` Image column and a
-`label` ClassLabel column, then an `ImageTensors` of uint8 images kept in memory.
+`label` ClassLabel column, then an `ImageTensors` of uint8 images kept in memory: decoded once,
+converted to grayscale or RGB and, with `data.image_size`, resized and centre-cropped, so that no
+step ever touches a file or a PIL image.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -45,6 +48,7 @@ class ImageTensors:
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
+    source: dict = field(default_factory=dict)  # where the images came from (`data_identity`), for config.yaml
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -62,7 +66,7 @@ class ImageTensors:
         return self.images.shape[-1]
 
     def to(self, device: torch.device | str) -> "ImageTensors":
-        return ImageTensors(self.images.to(device), self.labels.to(device), self.class_names)
+        return ImageTensors(self.images.to(device), self.labels.to(device), self.class_names, self.source)
 
 
 def _features(class_names: list[str]):
@@ -181,6 +185,14 @@ def _from_path(path: Path, split: str, name: str):
                 raise DataError(f"data.path={path} has splits {list(loaded)}, not '{split}'")
             loaded = loaded[split]
         return loaded
+    if path.is_dir() and next(path.rglob("*.parquet"), None) is not None:
+        # A local copy of a Hub dataset repo (`hf download --repo-type dataset ID --local-dir PATH`): the
+        # parquet builder reads it as `load_dataset(ID)` would, splits from the file names.
+        try:
+            loaded = datasets.load_dataset(str(path))
+        except Exception as err:
+            raise DataError(f"data.path={path}: cannot read its parquet files as a dataset: {err}") from None
+        return loaded[pick_split(loaded, split, f"data.path={path}")]
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         has_splits = any((path / name).is_dir() for name in IDX_FILES)
         if has_splits and not (path / split).is_dir():
@@ -191,39 +203,84 @@ def _from_path(path: Path, split: str, name: str):
             loaded = datasets.load_dataset("imagefolder", data_dir=str(split_dir), split="train")
         except Exception as err:
             raise DataError(f"data.path={split_dir}: cannot read it as a folder of class sub-folders: {err}") from None
+        if "label" not in loaded.column_names:  # the builder labels by folder only when there are several
+            classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+            raise DataError(f"data.path={split_dir}: one class folder ({', '.join(classes)}); a class-conditional "
+                            "model needs at least 2 class sub-folders")
         return loaded
-    raise DataError(
-        f"data.path={path} is not an IDX folder, a save_to_disk dataset, or a folder of class sub-folders"
-    )
+    raise DataError(f"data.path={path} is not an IDX folder, a save_to_disk dataset, a folder of parquet files "
+                    "(a local copy of a Hub dataset) or a folder of class sub-folders")
 
 
-def _from_hub(name: str, split: str):
+def hub_repo(cfg: DataConfig) -> str:
+    return cfg.hub_id if cfg.name == "hub" else HUB_IDS[cfg.name]
+
+
+def pick_split(splits, split: str, where: str) -> str:
+    """`split`, else for `test` a `validation` split, else the only split there is (as a folder without split
+    sub-folders serves both); several splits and none of these is an error that lists them."""
+    splits = list(splits)
+    for name in (split, *(["validation", "valid", "val"] if split == "test" else [])):
+        if name in splits:
+            return name
+    if len(splits) == 1:
+        return splits[0]
+    raise DataError(f"{where} has splits {splits}, none of them '{split}'")
+
+
+def _from_hub(cfg: DataConfig, split: str):
     import datasets
 
-    if _hub_offline():
-        raise DataError(f"no local copy of '{name}' and HF_HUB_OFFLINE is set; to get it: {_how_to_get(name)}")
+    repo = hub_repo(cfg)
     try:
-        return datasets.load_dataset(HUB_IDS[name], split=split)
+        loaded = datasets.load_dataset(repo, cfg.hub_config, revision=cfg.revision)
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"cannot load '{HUB_IDS[name]}' from the Hub ({first_line}); to get it: {_how_to_get(name)}") from None
+        where = f"'{repo}'" + (f" (revision {cfg.revision})" if cfg.revision else "")
+        if cfg.name == "hub":
+            hint = ("check data.hub_id, data.hub_config and data.revision; a private dataset needs `hf auth login` "
+                    "or HF_TOKEN" + ("; HF_HUB_OFFLINE is set, so only a cached copy can load" if _hub_offline() else ""))
+        elif _hub_offline():
+            hint = f"there is no cached copy and HF_HUB_OFFLINE is set; to get it: {_how_to_get(cfg.name)}"
+        else:
+            hint = f"to get it: {_how_to_get(cfg.name)}"
+        raise DataError(f"cannot load {where} ({first_line}); {hint}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[pick_split(loaded, split, f"'{repo}'")]
+    return loaded
 
 
-def _standardise(ds):
-    """Rename the image and label columns to `image` and `label` (CIFAR-10 calls them `img`)."""
+def _standardise(ds, cfg: DataConfig):
+    """Rename the image and label columns to `image` and `label` (CIFAR-10 calls them `img`); string or integer
+    labels become a ClassLabel (classes sorted), as the models need class ids 0..k-1 with names."""
     from datasets import ClassLabel, Image
 
-    image_col = next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
-    label_col = next((c for c in ("label", "labels", "fine_label") if c in ds.column_names), None)
-    if image_col is None or label_col is None:
-        raise DataError(f"dataset columns {ds.column_names}: need an image column and a label column")
+    def column(configured, candidates, kind):
+        if configured is not None:
+            if configured not in ds.column_names:
+                raise DataError(f"data.{kind}_column={configured}: the dataset's columns are {ds.column_names}")
+            return configured
+        found = next((c for c in candidates if c in ds.column_names), None)
+        if found is None:
+            raise DataError(f"dataset columns {ds.column_names}: no {kind} column among {list(candidates)}; "
+                            f"name it with data.{kind}_column")
+        return found
+
+    image_col = column(cfg.image_column, ("image", "img", "pixel_values"), "image")
+    label_col = column(cfg.label_column, ("label", "labels", "fine_label"), "label")
+    if not isinstance(ds.features[image_col], Image):
+        raise DataError(f"column '{image_col}' is {ds.features[image_col]}, not an Image column")
+    if not isinstance(ds.features[label_col], ClassLabel):
+        try:
+            ds = ds.class_encode_column(label_col)
+        except Exception as err:
+            raise DataError(f"column '{label_col}' ({ds.features[label_col]}) cannot serve as class labels: {err}") from None
+    ds = ds.select_columns([image_col, label_col])
     if image_col != "image":
         ds = ds.rename_column(image_col, "image")
     if label_col != "label":
         ds = ds.rename_column(label_col, "label")
-    if not isinstance(ds.features["image"], Image) or not isinstance(ds.features["label"], ClassLabel):
-        raise DataError(f"dataset features {ds.features}: need an Image column and a ClassLabel column")
-    return ds.select_columns(["image", "label"])
+    return ds
 
 
 def _idx_source(cfg: DataConfig) -> Optional[Path]:
@@ -251,26 +308,56 @@ def load_hf_dataset(cfg: DataConfig, split: Optional[str] = None):
     elif cfg.name == "synthetic":
         ds = synthetic_split(cfg, split)
     else:
-        ds = _from_hub(cfg.name, split)
-    return _standardise(ds)
+        ds = _from_hub(cfg, split)
+    return _standardise(ds, cfg)
 
 
-def dataset_to_tensors(ds, batch_size: int = 5000) -> ImageTensors:
-    """Decode every image once into one uint8 (N, C, H, W) tensor."""
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")  # PIL modes with one colour channel
+
+
+def _pixels(image, size: Optional[int], channels: Optional[int]) -> np.ndarray:
+    """One decoded PIL image as uint8 (H, W) or (H, W, 3): grayscale or RGB (alpha dropped, palettes expanded),
+    resized so its shorter side is `size` and centre-cropped to a square (`ImageOps.fit`, bicubic)."""
+    from PIL import Image, ImageOps
+
+    mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if image.mode in GRAYSCALE_MODES else "RGB")
+    if image.mode != mode:
+        image = image.convert(mode)
+    if size is not None and image.size != (size, size):
+        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def dataset_to_tensors(ds, image_size: Optional[int] = None, channels: Optional[int] = None,
+                       batch_size: int = 2000) -> ImageTensors:
+    """Decode every image once into one uint8 (N, C, H, W) tensor.
+
+    `channels` None keeps grayscale sets grayscale and makes a set RGB if any of its images is in colour
+    (grey images replicated, as PIL's L -> RGB does). Without `image_size` the images must already be
+    one square size.
+    """
     class_names = list(ds.features["label"].names)
-    chunks, labels = [], []
-    for batch in ds.with_format("torch").iter(batch_size=batch_size):
-        images = batch["image"]
-        if isinstance(images, list):
-            shapes = {tuple(x.shape) for x in images}
-            raise DataError(f"images differ in size ({sorted(shapes)[:3]}...); resize them to one size first")
-        if images.ndim == 3:  # grayscale decoded without a channel axis
-            images = images[:, None]
-        chunks.append(images.to(torch.uint8))
-        labels.append(batch["label"].to(torch.int64))
-    if not chunks:
+    pixels, labels = [], []
+    for batch in ds.iter(batch_size=batch_size):  # the Image feature decodes to PIL here
+        pixels.extend(_pixels(image, image_size, channels) for image in batch["image"])
+        labels.extend(batch["label"])
+    if not pixels:
         raise DataError("the dataset is empty")
-    return ImageTensors(torch.cat(chunks), torch.cat(labels), class_names)
+    shapes = {p.shape[:2] for p in pixels}
+    if len(shapes) > 1:
+        examples = ", ".join(f"{w}x{h}" for h, w in sorted(shapes)[:3])
+        raise DataError(f"images differ in size ({examples}, ...): set data.image_size=N to resize and centre-crop "
+                        "them to NxN when they are decoded")
+    (height, width), = shapes
+    if height != width:
+        raise DataError(f"images are {width}x{height}, not square: set data.image_size=N to resize and centre-crop "
+                        "them to NxN when they are decoded")
+    if any(p.ndim == 3 for p in pixels):
+        pixels = [np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p for p in pixels]
+        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    else:
+        images = torch.from_numpy(np.stack(pixels))[:, None]
+    return ImageTensors(images, torch.tensor(labels, dtype=torch.int64), class_names)
 
 
 def select_classes(data: ImageTensors, classes: list[int]) -> ImageTensors:
@@ -283,25 +370,67 @@ def select_classes(data: ImageTensors, classes: list[int]) -> ImageTensors:
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     new_labels = lookup[data.labels]
     keep = new_labels >= 0
-    return ImageTensors(data.images[keep], new_labels[keep], [data.class_names[c] for c in classes])
+    return ImageTensors(data.images[keep], new_labels[keep], [data.class_names[c] for c in classes], data.source)
 
 
 def load_tensors(cfg: DataConfig, split: Optional[str] = None) -> ImageTensors:
     """The configured split, class subset and limit applied, as uint8 tensors on the CPU."""
+    split = split or cfg.split
     idx = _idx_source(cfg)
-    if idx is not None:
+    if idx is not None and cfg.image_size in (None, 28) and cfg.channels in (None, 1):
         # The IDX bytes are the pixels: skip the PNG encode/decode round trip of an Image column
         # (lossless, so the result equals dataset_to_tensors(load_hf_dataset(cfg)); ~0.2 s instead of ~10 s).
-        images, labels = read_idx_split(idx, split or cfg.split)
+        images, labels = read_idx_split(idx, split)
         data = ImageTensors(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)),
                             _idx_class_names(cfg))
+        data.source = {"path": str(idx.resolve()), "files": [f.name for f in (_find_idx(idx, stem) for stem in
+                                                                              IDX_FILES[split])]}
     else:
-        data = dataset_to_tensors(load_hf_dataset(cfg, split))
+        ds = load_hf_dataset(cfg, split)
+        data = dataset_to_tensors(ds, cfg.image_size, cfg.channels)
+        data.source = _dataset_source(cfg, ds)
+    data.source.update(split=split, images=len(data))
     if cfg.classes is not None:
         data = select_classes(data, cfg.classes)
     if cfg.limit is not None:
-        data = ImageTensors(data.images[: cfg.limit], data.labels[: cfg.limit], data.class_names)
+        data = ImageTensors(data.images[: cfg.limit], data.labels[: cfg.limit], data.class_names, data.source)
     return data
+
+
+def _dataset_source(cfg: DataConfig, ds) -> dict:
+    """What identifies the images: a folder's path and file count, or the Hub id, config and revision, with
+    `datasets`' fingerprint of the loaded table (it changes when the data files do)."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser().resolve()
+        source = {"path": str(path)}
+        if path.is_dir() and not (path / "dataset_dict.json").is_file() and not (path / "state.json").is_file():
+            source["files"] = sum(1 for f in path.rglob("*") if f.is_file())
+    elif cfg.name == "synthetic":
+        source = {"synthetic": {"size": cfg.synthetic_size, "image_size": cfg.synthetic_image_size,
+                                "channels": cfg.synthetic_channels}}
+    elif Path(hub_repo(cfg)).expanduser().is_dir():  # data.hub_id may name a local copy of a Hub repo
+        path = Path(hub_repo(cfg)).expanduser().resolve()
+        source = {"path": str(path), "files": sum(1 for f in path.rglob("*") if f.is_file()),
+                  "hub_config": cfg.hub_config}
+    else:
+        source = {"hub_id": hub_repo(cfg), "hub_config": cfg.hub_config, "revision": cfg.revision or "main"}
+    if ds.cache_files:  # a table on disk: datasets' own content hash (no public accessor); in memory it is random
+        source["fingerprint"] = ds._fingerprint  # noqa: SLF001
+    return source
+
+
+def data_identity(data: ImageTensors) -> dict:
+    """`data.source` with, for a Hub dataset, the commit its revision resolves to (asked of the Hub once, by
+    the main process; offline it stays unknown and the fingerprint identifies the cached copy)."""
+    source = dict(data.source)
+    if "hub_id" in source and not _hub_offline():
+        try:
+            from huggingface_hub import HfApi
+
+            source["commit"] = HfApi().dataset_info(source["hub_id"], revision=source["revision"]).sha
+        except Exception:  # a private or unreachable repo: the run goes on, identified by its fingerprint
+            source["commit"] = None
+    return source
 
 
 def to_model_range(images: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:

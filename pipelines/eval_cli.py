@@ -8,6 +8,7 @@
     python eval.py runs/x --guidance 3 --guidance-interval 0 0.6              # guide the low-noise steps only
     accelerate launch --num_processes 2 eval.py runs/x                     # generation split across processes
     python eval.py train-classifier --data fashion_mnist                   # the offline metrics' classifier
+    python eval.py train-classifier --data imagefolder --data-path DIR --image-size 32 --out classifiers/mine
     python eval.py compare runs/a runs/b --out reports/a_vs_b              # Markdown table + side-by-side grids
     python eval.py baselines --data fashion_mnist --num-per-class 200      # real-data floor, blurred real, noise
     python eval.py set-default runs/x                                      # fastest sampler within 10% of best FID
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -38,9 +40,7 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--num-per-class", type=int, default=100)
     p.add_argument("--features", choices=["classifier", "inception"], default="classifier")
     p.add_argument("--classifier", help="classifier folder (default: the one shipped for the dataset)")
-    p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"],
-                   help="dataset, when the pipeline has no run config beside it")
-    p.add_argument("--data-path", help="data.path for --data")
+    add_data_args(p, None, "the dataset, when the pipeline has no run config beside it")
     p.add_argument("--ref-split", choices=["train", "test"], default="test")
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpmsolver"], help="swap the diffusion sampler")
     p.add_argument("--steps", type=int, help="diffusion sampling steps")
@@ -82,7 +82,7 @@ def evaluate_main(argv: list[str]) -> int:
                                         args.guidance_interval and "gi{:g}-{:g}".format(*args.guidance_interval))
                        if v)
     out = Path(args.out) if args.out else path / "eval" / f"{args.features}{'-' + sampler if sampler else ''}"
-    data_cfg = DataConfig(name=args.data, path=args.data_path) if args.data else None
+    data_cfg = data_config(args) if args.data else None
     on_scored = None
     if args.wandb != "disabled":
         from .tracking import log_evaluation, start_eval_tracking
@@ -106,6 +106,33 @@ def evaluate_main(argv: list[str]) -> int:
         print(summary_line(result))
         print(f"written: {out / 'metrics.json'}")
     return 0
+
+
+DATA_FLAGS = {"data_path": "path", "hub_id": "hub_id", "hub_config": "hub_config", "revision": "revision",
+              "image_column": "image_column", "label_column": "label_column", "image_size": "image_size",
+              "channels": "channels"}
+
+
+def add_data_args(p: argparse.ArgumentParser, default: Optional[str], help_text: str) -> None:
+    """The `data.*` options that name a dataset, as flags (the same names and meanings as in a run's config)."""
+    choices = typing.get_args(typing.get_type_hints(DataConfig)["name"])
+    p.add_argument("--data", choices=choices, default=default, help=help_text)
+    p.add_argument("--data-path", help="data.path: an IDX folder, a save_to_disk dataset or a folder of class "
+                                       "sub-folders (with --data imagefolder)")
+    p.add_argument("--hub-id", help="data.hub_id, with --data hub: OWNER/NAME of a Hub dataset")
+    p.add_argument("--hub-config", help="data.hub_config: the Hub dataset's configuration")
+    p.add_argument("--revision", help="data.revision: a branch, tag or commit of the Hub dataset")
+    p.add_argument("--image-column", help="data.image_column")
+    p.add_argument("--label-column", help="data.label_column")
+    p.add_argument("--image-size", type=int, help="data.image_size: resize + centre crop to this square")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="data.channels: 1 grayscale, 3 RGB")
+    p.add_argument("--hflip", action="store_true", help="data.hflip: the images keep their class when mirrored")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    cfg = DataConfig(name=args.data, hflip=args.hflip, **{key: getattr(args, flag) for flag, key in DATA_FLAGS.items()})
+    cfg.validate()
+    return cfg
 
 
 def export_step(path: Path) -> Optional[int]:
@@ -133,8 +160,7 @@ def summary_line(result: dict) -> str:
 def train_classifier_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"{_prog()} train-classifier",
                                 description="Train the dataset classifier behind the offline metrics.")
-    p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"], default="fashion_mnist")
-    p.add_argument("--data-path")
+    add_data_args(p, "fashion_mnist", "the dataset to train on (its train split; accuracy on its test split)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="default: the shipped classifiers/<data> of the package (replaced)")
@@ -147,8 +173,10 @@ def train_classifier_main(argv: list[str]) -> int:
 
     kwargs = {"epochs": args.epochs} if args.epochs else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, info = train_classifier(DataConfig(name=args.data, path=args.data_path), seed=args.seed, device=device,
-                                   **kwargs)
+    if args.out is None and args.data not in ("fashion_mnist", "cifar10", "synthetic"):
+        raise ValueError(f"--data {args.data}: give --out DIR for the classifier (then `eval.py RUN --classifier DIR`, "
+                         "or eval.classifier: DIR in the run's config)")
+    model, info = train_classifier(data_config(args), seed=args.seed, device=device, **kwargs)
     out = Path(args.out) if args.out else SHIPPED_CLASSIFIERS / args.data
     save_classifier(model, info, out)
     print(f"test accuracy {info['test_accuracy']:.4f}; saved to {out}")
@@ -160,8 +188,7 @@ def baselines_main(argv: list[str]) -> int:
                                 description="Reference points: real train images (the floor), the same blurred (sigma 1) "
                                             "and uniform noise, "
                                             "scored like generated samples against the test split.")
-    p.add_argument("--data", choices=["fashion_mnist", "cifar10", "synthetic"], default="fashion_mnist")
-    p.add_argument("--data-path")
+    add_data_args(p, "fashion_mnist", "the dataset")
     p.add_argument("--num-per-class", type=int, default=100)
     p.add_argument("--classifier")
     p.add_argument("--out", help="JSON file to write (default: print only)")
@@ -173,7 +200,7 @@ def baselines_main(argv: list[str]) -> int:
 
     from .evaluation import reference_baselines
 
-    result = reference_baselines(DataConfig(name=args.data, path=args.data_path), args.num_per_class,
+    result = reference_baselines(data_config(args), args.num_per_class,
                                  args.classifier, torch.device("cpu"))
     for name, metrics in result.items():
         print(f"{name}: {summary_line(metrics)}")

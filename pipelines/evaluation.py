@@ -103,7 +103,10 @@ def cached_classifier(data_cfg: DataConfig, device: torch.device) -> Path:
 
     data_cfg = replace(data_cfg, split="train", limit=None)
     identity = json.dumps({"name": data_cfg.name, "path": str(Path(data_cfg.path).resolve()) if data_cfg.path
-                           else None, "classes": data_cfg.classes, "pad_to": data_cfg.pad_to}, sort_keys=True)
+                           else None, "classes": data_cfg.classes, "pad_to": data_cfg.pad_to,
+                           **{k: getattr(data_cfg, k) for k in ("hub_id", "hub_config", "revision", "image_column",
+                                                                 "label_column", "image_size", "channels")
+                              if getattr(data_cfg, k) is not None}}, sort_keys=True)
     path = classifier_cache() / f"{data_cfg.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     if path.is_dir():
         logger.info("using the classifier trained earlier for this data: %s", path)

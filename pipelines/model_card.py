@@ -71,6 +71,8 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_i
     names = [id2label[k] for k in sorted(id2label, key=int)]
     data = (cfg or {}).get("data", {})
     dataset = DATASETS.get(data.get("name"))
+    if data.get("name") == "hub" and not Path(str(data.get("hub_id"))).expanduser().exists():
+        dataset = data.get("hub_id")  # a Hub id, not a local folder laid out as one
     header = {"library_name": "diffusers", "license": "apache-2.0",
               "tags": ["diffusers", "class-conditional", "image-generation",
                        "ddpm" if diffusion else "gan", *(cfg or {}).get("log", {}).get("tags", [])]}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -48,11 +49,24 @@ def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
     return accelerator
 
 
-def start_run(accelerator: Accelerator, cfg: Any, output_dir: Path) -> None:
-    """The first writes of a run: `config.yaml` and the W&B run."""
-    start_tracking(accelerator, cfg, output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
+def start_run(accelerator: Accelerator, cfg: Any, output_dir: Path, data: Any = None) -> None:
+    """The first writes of a run: `config.yaml` (the config, then under `dataset:` what identifies the training
+    images, `data.data_identity`) and the W&B run (the same in its config)."""
+    if not accelerator.is_main_process:
+        return
+    from .data import data_identity
+
+    dataset = data_identity(data) if data is not None else None
+    path = output_dir / "config.yaml"
+    if dataset and path.is_file():  # a resume: say so if the images are not the ones the run started on
+        before = (yaml.safe_load(path.read_text()) or {}).get("dataset") or {}
+        changed = [k for k in ("fingerprint", "commit", "images", "files") if before.get(k) != dataset.get(k)
+                   and before.get(k) is not None and dataset.get(k) is not None]
+        if changed:
+            print("warning: the training data changed since this run started ("
+                  + "; ".join(f"{k} {before[k]} -> {dataset[k]}" for k in changed) + ")", flush=True)
+    start_tracking(accelerator, cfg, output_dir, dataset=dataset)
+    save_config(cfg, path, extra={"dataset": dataset} if dataset else None)
 
 
 def apply_speed_options(cfg: Any, *models: torch.nn.Module) -> None:

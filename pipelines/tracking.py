@@ -101,13 +101,14 @@ def run_identity(cfg: Any, output_dir: Path) -> dict:
     return identity
 
 
-def start_tracking(accelerator: Accelerator, cfg: Any, output_dir: Path) -> None:
+def start_tracking(accelerator: Accelerator, cfg: Any, output_dir: Path, dataset: Optional[dict] = None) -> None:
     """Open (or continue) the training's W&B run in `output_dir/wandb`, unless W&B is off."""
     mode = wandb_mode(cfg.log)
     if mode == "disabled" or not accelerator.is_main_process:
         return
     identity = run_identity(cfg, output_dir)
-    open_run(accelerator, identity, mode, output_dir, config=to_dict(cfg), tags=list(cfg.log.tags),
+    config = {**to_dict(cfg), **({"dataset": dataset} if dataset else {})}
+    open_run(accelerator, identity, mode, output_dir, config=config, tags=list(cfg.log.tags),
              group=cfg.log.group, job_type="train")
 
 

@@ -147,7 +147,7 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
     upkeep = Upkeep(run=run, tasks=training, guard=family.guard)
     if run.accelerator.is_main_process:
         check_can_push(cfg.export)  # a token, not offline, a namespace it may write: known before hours of training
-    start_run(run.accelerator, cfg, run.out)  # set-up passed: only now does the run write config.yaml and open W&B
+    start_run(run.accelerator, cfg, run.out, run.data)  # set-up passed: only now does the run write config.yaml and open W&B
 
     bar = progress(run.accelerator, run.total_steps, step, family.name)
     for _, micro_batches in steps_from(run.loader, step, run.total_steps, run.accumulation):

@@ -268,5 +268,6 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: str | Path, extra: Optional[dict] = None) -> None:
+    """The resolved config as YAML; `extra` (facts of the run, not options) goes after it, as top-level keys."""
+    Path(path).write_text(yaml.safe_dump({**to_dict(cfg), **(extra or {})}, sort_keys=False))

@@ -529,7 +529,7 @@ def test_path_of_unknown_form(tmp_path, layout):
         target.mkdir()
         if layout == "text_file":
             (target / "README.txt").write_text("not data")
-    with pytest.raises(DataError, match="is not an IDX folder, a save_to_disk dataset, or a folder of class"):
+    with pytest.raises(DataError, match="is not an IDX folder, a save_to_disk dataset, a folder of parquet files"):
         load_hf_dataset(DataConfig(path=str(target)))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from pipelines.config import CGANConfig, DDPMConfig, load_config
 from pipelines.gan import build_cgan
 from pipelines.models.unet import build_unet
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 SHAPES = {"fashion_mnist": (1, 28), "cifar10": (3, 32), "synthetic": (1, 28)}
 
 
@@ -41,3 +43,57 @@ def test_seed_recipes_match_the_reports():
     c = load_config(DDPMConfig, CONFIGS / "ddpm" / "report_c_cifar10.yaml")
     assert (c.diffusion.beta_schedule, c.optim.schedule) == ("squaredcos_cap_v2", "onecycle")
     assert c.train.ema_decay is not None and c.optim.max_grad_norm is not None
+
+
+# ---------------------------------------------------------------- CIFAR-10 recipes, 2 steps on Hub-schema data
+
+CIFAR10_RECIPES = sorted(p for family in ("cgan", "ddpm") for p in (CONFIGS / family).glob("*.yaml")
+                         if "name: cifar10" in p.read_text())
+
+
+@pytest.fixture(scope="module")
+def cifar10_copy(tmp_path_factory):
+    """A local copy in the Hub's CIFAR-10 layout and schema (plain_text/*.parquet, `img` Image, `label` ClassLabel):
+    4 train and 2 test images per class."""
+    from test_own_data import CIFAR10_NAMES, write_parquet_repo
+
+    root = tmp_path_factory.mktemp("cifar10")
+    write_parquet_repo(root, label_names=CIFAR10_NAMES, splits=(("train", 40), ("test", 20)))
+    return root
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=f"{p.parent.name}/{p.stem}",
+                                               marks=[pytest.mark.slow] if p.parent.name == "ddpm" else [])
+                                  for p in CIFAR10_RECIPES])
+def test_cifar10_recipe_starts_and_finishes_two_steps(path, cifar10_copy, tmp_path, monkeypatch):
+    """The recipe as shipped, on data of CIFAR-10's schema: the data loads, a classifier is made for its
+    in-training evaluation (none ships for CIFAR-10), two steps train, the evaluation, pictures and export follow.
+    Only sizes change: a batch that makes an epoch two steps, two samples per class, two sampling steps."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = load_config(CGANConfig if path.parent.name == "cgan" else DDPMConfig, path)
+    images = 4 * len(cfg.data.classes or range(10))
+    out = tmp_path / "run"
+    overrides = [f"data.path={cifar10_copy}", f"train.batch_size={images // 2}", "train.max_steps=2",
+                 "eval.num_per_class=2", f"output_dir={out}", "log.wandb=disabled"]
+    if cfg.eval.every_epochs is not None:
+        overrides.append("eval.every_epochs=1")
+    if path.parent.name == "ddpm":
+        overrides.append("diffusion.sample_steps=2")
+    script = ROOT / f"train_{path.parent.name}.py"
+    env = dict(__import__("os").environ, XDG_CACHE_HOME=str(cifar10_copy.parent / "cache"))
+    result = subprocess.run([sys.executable, str(script), "--config", str(path), *overrides], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert (out / "pipeline" / "model_index.json").is_file()
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2
+    if cfg.eval.every_epochs is not None:
+        assert any("eval/fid" in r for r in records) and (out / "best" / "best.json").is_file()
+        assert "training one on its training split" in result.stderr + result.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["dataset"]["path"] == str(cifar10_copy.resolve()) and saved["dataset"]["images"] == 40
