@@ -321,6 +321,8 @@ def _pixels(image, size: Optional[int], channels: Optional[int]) -> np.ndarray:
     from PIL import Image, ImageOps
 
     mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if image.mode in GRAYSCALE_MODES else "RGB")
+    if image.mode.startswith("I;16"):  # 16-bit grey: PIL's convert("L") clips at 255; scale the range instead
+        image = Image.fromarray((np.asarray(image, np.uint32) * 255 + 32767) // 65535).convert("L")
     if image.mode != mode:
         image = image.convert(mode)
     if size is not None and image.size != (size, size):

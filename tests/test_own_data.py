@@ -84,6 +84,15 @@ def test_mixed_modes_become_rgb_and_channels_1_makes_grayscale(tmp_path):
     assert torch.equal(one.images[1, 0], torch.from_numpy(np.asarray(class_image(0, 0, 8).convert("L"))))
 
 
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path):
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.array([[0, 257], [32896, 65535]], np.uint16)).save(tmp_path / name / "0.png")
+    assert Image.open(tmp_path / "x" / "0.png").mode == "I;16"
+    data = load_tensors(DataConfig(name="imagefolder", path=str(tmp_path)))
+    assert data.images[0, 0].tolist() == [[0, 1], [128, 255]]
+
+
 def test_grayscale_folder_stays_one_channel(tmp_path):
     write_folder(tmp_path, mode="L", per_class=(2, 1), size=16)
     assert load_tensors(DataConfig(name="imagefolder", path=str(tmp_path))).images.shape == (6, 1, 16, 16)
