@@ -2,6 +2,7 @@
 in turn (or one per GPU), then evaluated and compared in one report.
 
     python -m pipelines.sweep configs/sweeps/cgan_losses.yaml [--gpus 0,1,2,3] [--dry-run] [--report-only]
+    python -m pipelines.sweep configs/sweeps/cgan_losses.yaml --gpus 0,1 --runs-per-gpu 4   # small runs share a GPU
     python -m pipelines.sweep configs/experiments/cgan_vs_ddpm.yaml
 
 A sweep file is also a W&B sweep (`wandb sweep FILE`, then `wandb agent ID` on each machine): its
@@ -17,9 +18,10 @@ import itertools
 import json
 import logging
 import os
-import queue
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -161,18 +163,77 @@ def _load_experiment(path: Path, doc: dict) -> Study:
     return Study(study, "experiment", doc.get("description", ""), runs, root / "report")
 
 
-def train_all(study: Study, gpus: Optional[list[str]] = None) -> list[dict]:
-    """Train every run not yet finished: in turn, or one per GPU at a time. Returns one record per run."""
+def gpu_free_gib(gpu: str) -> Optional[float]:
+    """Free memory of one GPU as nvidia-smi reports it (no CUDA context in this process); None without it."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", gpu],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.strip().splitlines()[0]) / 1024
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+class GpuSlots:
+    """Up to `per_gpu` runs at a time on each GPU, least-loaded GPU first: one small run leaves most of a
+    large GPU idle. A run joins a GPU already in use only once the last run started there has had
+    `stagger_seconds` to allocate its memory and at least `min_free_gib` is still free; otherwise it
+    waits for a run to end (or for memory to free up), so a full GPU is not pushed out of memory."""
+
+    def __init__(self, gpus: list[Optional[str]], per_gpu: int = 1, min_free_gib: float = 4.0,
+                 stagger_seconds: float = 30.0, free_gib=gpu_free_gib, clock=time.monotonic):
+        self.active = {gpu: 0 for gpu in gpus}
+        self.started = {gpu: float("-inf") for gpu in gpus}
+        self.per_gpu, self.min_free_gib, self.stagger = per_gpu, min_free_gib, stagger_seconds
+        self.free_gib, self.clock = free_gib, clock
+        self.changed = threading.Condition()
+
+    def _room(self, gpu: Optional[str]) -> tuple[bool, float]:
+        """(may a run start on `gpu` now, how long to wait before asking again)."""
+        if self.active[gpu] >= self.per_gpu:
+            return False, 30.0
+        if self.active[gpu] == 0 or gpu is None:
+            return True, 0.0
+        settle = self.started[gpu] + self.stagger - self.clock()
+        if settle > 0:
+            return False, settle
+        free = self.free_gib(gpu)
+        if free is not None and free < self.min_free_gib:
+            logger.info("GPU %s: %.1f GiB free, below %.1f GiB: the next run waits", gpu, free, self.min_free_gib)
+            return False, 30.0
+        return True, 0.0
+
+    def acquire(self) -> Optional[str]:
+        with self.changed:
+            while True:
+                waits = []
+                for gpu in sorted(self.active, key=lambda g: self.active[g]):
+                    ok, wait = self._room(gpu)
+                    if ok:
+                        self.active[gpu] += 1
+                        self.started[gpu] = self.clock()
+                        return gpu
+                    waits.append(wait)
+                self.changed.wait(timeout=min(waits))  # a run ends, a start settles, or memory frees up
+
+    def release(self, gpu: Optional[str]) -> None:
+        with self.changed:
+            self.active[gpu] -= 1
+            self.changed.notify_all()
+
+
+def train_all(study: Study, gpus: Optional[list[str]] = None, runs_per_gpu: int = 1,
+              min_free_gib: float = 4.0, stagger_seconds: float = 30.0) -> list[dict]:
+    """Train every run not yet finished: in turn, or `runs_per_gpu` at a time on each GPU. One record per run."""
     logs = study.report_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    free: queue.Queue = queue.Queue()
-    for gpu in gpus or [None]:
-        free.put(gpu)
+    slots = GpuSlots(gpus or [None], runs_per_gpu if gpus else 1, min_free_gib, stagger_seconds)
 
     def train_one(run: PlannedRun) -> dict:
         if run.finished():
             return {"run": run.name, "status": "finished before"}
-        gpu = free.get()
+        gpu = slots.acquire()
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
         start = time.time()
         logger.info("training %s%s", run.name, f" on GPU {gpu}" if gpu is not None else "")
@@ -181,11 +242,14 @@ def train_all(study: Study, gpus: Optional[list[str]] = None) -> list[dict]:
                 # In this folder: the one the study's relative config paths and output_dirs were read against.
                 code = subprocess.call(run.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
         finally:
-            free.put(gpu)
+            slots.release(gpu)
         status = "trained" if code == 0 and run.finished() else f"failed (exit {code}; see {logs / run.name}.log)"
-        return {"run": run.name, "status": status, "gpu": gpu, "seconds": round(time.time() - start, 1)}
+        end = time.time()
+        return {"run": run.name, "status": status, "gpu": gpu, "started": round(start, 2), "ended": round(end, 2),
+                "seconds": round(end - start, 1)}
 
-    with ThreadPoolExecutor(max_workers=len(gpus or [None])) as pool:
+    workers = len(gpus) * runs_per_gpu if gpus else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         records = list(pool.map(train_one, study.runs))
     with open(study.report_dir / "runs.jsonl", "a") as f:
         for record in records:
@@ -247,6 +311,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="a W&B sweep file (configs/sweeps/) or an experiment file (configs/experiments/)")
     parser.add_argument("--gpus", help="comma-separated GPU ids: train one run per GPU at a time (default: in turn)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1,
+                        help="with --gpus: runs trained at once on each GPU (separate processes)")
+    parser.add_argument("--min-free-gib", type=float, default=4.0,
+                        help="with --runs-per-gpu > 1: a run joins a busy GPU only with this much memory free")
+    parser.add_argument("--stagger-seconds", type=float, default=30.0,
+                        help="with --runs-per-gpu > 1: time a run has to allocate before the next joins its GPU")
     parser.add_argument("--inception", choices=["auto", "yes", "no"], default="auto",
                         help="Inception FID/IS besides the offline metrics: auto uses them when the weights load")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
@@ -257,6 +327,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .report import write_study_report
 
     try:
+        if args.runs_per_gpu < 1 or (args.runs_per_gpu > 1 and not args.gpus):
+            raise StudyError(f"--runs-per-gpu {args.runs_per_gpu}: must be 1 or more, and more than 1 needs --gpus")
         study = load_study(args.study)
         if args.dry_run:
             for run in study.runs:
@@ -264,7 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{run.name} ({state}): {' '.join(run.command()[1:])}")
             print(f"report: {study.report_dir}")
             return 0
-        records = [] if args.report_only else train_all(study, args.gpus.split(",") if args.gpus else None)
+        records = [] if args.report_only else train_all(study, args.gpus.split(",") if args.gpus else None,
+                                                        args.runs_per_gpu, args.min_free_gib, args.stagger_seconds)
         probe = InceptionProbe(args.inception)
         evaluate_all(study, probe)
     except (StudyError, MetricsError, ValueError, FileNotFoundError) as err:

@@ -4,6 +4,8 @@ evaluated and reported; finished runs skipped, interrupted ones resumed, bad fil
 from __future__ import annotations
 
 import json
+import os
+import threading
 import shutil
 from pathlib import Path
 
@@ -123,11 +125,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_sweep_end_to_end_skips_finished_and_resumes_interrupted(tmp_path, classifier_dir):
     path = write_sweep(tmp_path / "sweep.yaml", classifier_dir)
-    assert main([str(path), "--gpus", "0,1", "--inception", "no"]) == 0
+    assert main([str(path), "--gpus", "0", "--runs-per-gpu", "2", "--stagger-seconds", "0", "--inception", "no"]) == 0
     report_dir = tmp_path / "runs" / "report"
     records = read_jsonl(report_dir / "runs.jsonl")
     assert [r["status"] for r in records] == ["trained", "trained"]
-    assert {r["gpu"] for r in records} <= {"0", "1"}  # one run per GPU at a time
+    assert [r["gpu"] for r in records] == ["0", "0"]
+    first, second = sorted(records, key=lambda r: r["started"])
+    assert second["started"] + 1 < first["ended"]  # both on GPU 0 at once (a run takes several seconds here)
     report = json.loads((report_dir / "report.json").read_text())
     cells = {(r["loss.name"], r["epochs"]) for r in report["rows"]}
     assert cells == {("bce", 1), ("bce", 2), ("hinge", 1), ("hinge", 2)}  # two lengths from each single run
@@ -190,3 +194,67 @@ def test_inception_is_tried_once_per_study(monkeypatch):
     with pytest.raises(metrics.MetricsError):
         InceptionProbe("yes").available()
     assert not InceptionProbe("no").available() and len(calls) == 2
+
+
+class FakeGpus:
+    """Free memory per GPU and a clock, as GpuSlots reads them."""
+
+    def __init__(self, free):
+        self.free, self.now = dict(free), 0.0
+
+    def free_gib(self, gpu):
+        return self.free[gpu]
+
+    def clock(self):
+        return self.now
+
+
+def test_gpu_slots_fill_the_least_loaded_gpu_up_to_k_runs():
+    from pipelines.sweep import GpuSlots
+
+    gpus = FakeGpus({"0": 100.0, "1": 100.0})
+    slots = GpuSlots(["0", "1"], per_gpu=2, min_free_gib=4, stagger_seconds=0, free_gib=gpus.free_gib,
+                     clock=gpus.clock)
+    assert [slots.acquire() for _ in range(4)] == ["0", "1", "0", "1"]
+    assert slots.active == {"0": 2, "1": 2}
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(slots.acquire()))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got  # all 4 slots taken: the fifth run waits
+    slots.release("1")
+    waiter.join(5)
+    assert got == ["1"]
+
+
+def test_gpu_slots_never_join_a_busy_gpu_short_of_memory_or_before_the_last_start_settled():
+    from pipelines.sweep import GpuSlots
+
+    gpus = FakeGpus({"0": 100.0})
+    slots = GpuSlots(["0"], per_gpu=3, min_free_gib=4, stagger_seconds=30, free_gib=gpus.free_gib, clock=gpus.clock)
+    assert slots.acquire() == "0"  # an idle GPU takes a run whatever it reports
+    assert slots._room("0")[0] is False and slots._room("0")[1] == pytest.approx(30)  # the first run still allocating
+    gpus.now = 31.0
+    gpus.free["0"] = 3.5
+    assert slots._room("0")[0] is False  # settled, but 3.5 GiB < 4
+    gpus.free["0"] = 40.0
+    assert slots.acquire() == "0" and slots.active == {"0": 2}
+
+
+def test_gpu_free_memory_is_read_from_nvidia_smi(tmp_path, monkeypatch):
+    from pipelines.sweep import gpu_free_gib
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\necho 81920\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert gpu_free_gib("1") == 80.0
+    assert (tmp_path / "args").read_text().split() == ["--query-gpu=memory.free", "--format=csv,noheader,nounits",
+                                                       "-i", "1"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert gpu_free_gib("1") is None  # no nvidia-smi: no check (CPU machines)
+
+
+def test_runs_per_gpu_needs_gpus(capsys):
+    assert main([str(ROOT / "configs" / "sweeps" / "cgan_losses_cpu.yaml"), "--runs-per-gpu", "2"]) == 2
+    assert "--runs-per-gpu 2: must be 1 or more, and more than 1 needs --gpus" in capsys.readouterr().err
