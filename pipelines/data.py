@@ -402,18 +402,19 @@ def load_tensors(cfg: DataConfig, split: Optional[str] = None) -> ImageTensors:
 def _dataset_source(cfg: DataConfig, ds) -> dict:
     """What identifies the images: a folder's path and file count, or the Hub id, config and revision, with
     `datasets`' fingerprint of the loaded table (it changes when the data files do)."""
+    def folder(path: Path) -> dict:
+        path = path.expanduser().resolve()
+        return {"path": str(path), "files": sum(1 for f in path.rglob("*") if f.is_file())}
+
     if cfg.path is not None:
-        path = Path(cfg.path).expanduser().resolve()
-        source = {"path": str(path)}
-        if path.is_dir() and not (path / "dataset_dict.json").is_file() and not (path / "state.json").is_file():
-            source["files"] = sum(1 for f in path.rglob("*") if f.is_file())
+        path = Path(cfg.path)
+        saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()  # counted by its fingerprint
+        source = {"path": str(path.expanduser().resolve())} if saved or not path.is_dir() else folder(path)
     elif cfg.name == "synthetic":
         source = {"synthetic": {"size": cfg.synthetic_size, "image_size": cfg.synthetic_image_size,
                                 "channels": cfg.synthetic_channels}}
     elif Path(hub_repo(cfg)).expanduser().is_dir():  # data.hub_id may name a local copy of a Hub repo
-        path = Path(hub_repo(cfg)).expanduser().resolve()
-        source = {"path": str(path), "files": sum(1 for f in path.rglob("*") if f.is_file()),
-                  "hub_config": cfg.hub_config}
+        source = {**folder(Path(hub_repo(cfg))), "hub_config": cfg.hub_config}
     else:
         source = {"hub_id": hub_repo(cfg), "hub_config": cfg.hub_config, "revision": cfg.revision or "main"}
     if ds.cache_files:  # a table on disk: datasets' own content hash (no public accessor); in memory it is random
