@@ -166,8 +166,9 @@ class ExportConfig:
 
 @dataclass
 class CGANModelConfig:
-    # transposed_conv: ConvTranspose2d up-sampling; upsample_conv: nearest Upsample + Conv2d
-    arch: Literal["transposed_conv", "upsample_conv"] = field(
+    # transposed_conv: ConvTranspose2d up-sampling; upsample_conv: nearest Upsample + Conv2d (the seeds' nets);
+    # resnet: residual G with class-conditional BatchNorm, residual spectral-norm projection D (SNGAN / BigGAN)
+    arch: Literal["transposed_conv", "upsample_conv", "resnet"] = field(
         default="transposed_conv", metadata=renamed({"report_a": "transposed_conv", "notes_e": "upsample_conv"}))
     latent_dim: int = 100
     label_emb_dim: int = 50
@@ -175,8 +176,10 @@ class CGANModelConfig:
     bn_momentum: float = 0.1  # PyTorch convention (Keras momentum 0.8 is PyTorch 0.2)
     bn_eps: float = 1e-5  # configs/cgan/notes_e.yaml uses 0.8: its source wrote BatchNorm2d(64, 0.8), which sets eps
     noise: Literal["normal", "uniform"] = "normal"  # uniform draws from [-1, 1]
-    d_norm: Literal["batch", "spectral"] = "batch"  # spectral norm stabilises D (Miyato et al., 2018)
-    d_conditioning: Literal["label_map", "projection"] = "label_map"  # label_map: the label as an extra input channel
+    # D's normalisation and conditioning; null: the architecture's own (batch and label_map for the seeds'
+    # nets, spectral and projection for resnet, the only ones it has)
+    d_norm: Optional[Literal["batch", "spectral"]] = None  # spectral norm stabilises D (Miyato et al., 2018)
+    d_conditioning: Optional[Literal["label_map", "projection"]] = None  # label_map: the label as an input channel
     d_class_std: bool = False  # D also sees the batch's within-class feature spread (against collapse)
     image_size: Optional[int] = None  # None: taken from the data
     channels: Optional[int] = None  # None: taken from the data
@@ -189,6 +192,17 @@ class CGANModelConfig:
         if self.bn_eps <= 0:
             raise ConfigError(f"model.bn_eps={self.bn_eps}: must be positive")
         _image_shape_options(self)
+        norm, conditioning = self.discriminator()
+        if self.arch == "resnet" and (norm, conditioning) != ("spectral", "projection"):
+            raise ConfigError(f"model.arch=resnet has a spectral-norm projection discriminator only: "
+                              f"model.d_norm={norm}, model.d_conditioning={conditioning} "
+                              "(use spectral and projection, or leave both unset)")
+
+    def discriminator(self) -> tuple[str, str]:
+        """D's normalisation and conditioning, the architecture's own where unset."""
+        resnet = self.arch == "resnet"
+        return (self.d_norm or ("spectral" if resnet else "batch"),
+                self.d_conditioning or ("projection" if resnet else "label_map"))
 
 
 @dataclass
@@ -199,10 +213,20 @@ class GANLossConfig:
     # MSGAN's mode-seeking weight (1.0 in its paper); 0 is off. Against within-class collapse: the generator
     # is paid for making two codes of one class give different images.
     mode_seeking: float = 0.0
+    # DiffAugment (Zhao et al., 2020): the same random transforms on every real and fake image D sees; the
+    # paper's choice is [translation, cutout] for grey images, [color, translation, cutout] for colour ones.
+    diffaugment: list[Literal["color", "translation", "cutout"]] = field(default_factory=list)
+    # R1 (Mescheder et al., 2018): gamma / 2 * E ||grad_x D(x)||^2 on real images, zero-centred; 0 is off.
+    # Lazy: computed every r1_every D steps, scaled by r1_every (StyleGAN2's form; 1 is every step).
+    r1_gamma: float = 0.0
+    r1_every: int = 16
 
     def validate(self) -> None:
         check_positive(self, "critic_steps", "loss")
-        for key in ("gp_weight", "mode_seeking"):
+        check_positive(self, "r1_every", "loss")
+        if len(set(self.diffaugment)) != len(self.diffaugment):
+            raise ConfigError(f"loss.diffaugment={self.diffaugment}: each transform at most once")
+        for key in ("gp_weight", "mode_seeking", "r1_gamma"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key}={getattr(self, key)}: must be >= 0")
 
@@ -235,6 +259,9 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "no"  # "no" leaves it to the launcher (accelerate launch --mixed_precision)
     gradient_accumulation_steps: int = 1
     ema_decay: Optional[float] = None  # None: no EMA copy of the weights
+    # The EMA copy follows the weights exactly for this many steps, then averages (with diffusers' warm-up
+    # (1 + t) / (10 + t) up to ema_decay): early, far-off weights never enter the average.
+    ema_start_step: int = 0
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
     # Speed options, applied to the networks in place (checkpoints and exports are the same either way):
     compile: bool = False  # torch.compile the forward passes; pays on GPUs, costs compile time up front
@@ -251,6 +278,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps={self.max_steps}: must be positive or null")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay}: must be in (0, 1) or null")
+        if self.ema_start_step < 0:
+            raise ConfigError(f"train.ema_start_step={self.ema_start_step}: must be >= 0")
 
 
 @dataclass
@@ -292,6 +321,9 @@ class CGANConfig(RunConfig):
         if self.train.compile and self.loss.name == "wgan_gp":
             raise ConfigError("train.compile=true with loss.name=wgan_gp: torch.compile cannot differentiate the "
                               "gradient penalty twice; use train.compile=false or another loss (bce, lsgan, hinge)")
+        if self.train.compile and self.loss.r1_gamma:
+            raise ConfigError(f"train.compile=true with loss.r1_gamma={self.loss.r1_gamma}: torch.compile cannot "
+                              "differentiate the R1 penalty twice; use train.compile=false or loss.r1_gamma=0")
         if self.train.gradient_accumulation_steps != 1:
             raise ConfigError(
                 "train.gradient_accumulation_steps must be 1 for the cGAN: each D and G update uses one batch"

@@ -120,7 +120,7 @@ class DDPM:
         lr_schedule = build_lr_schedule(optimizer, cfg.optim, run.total_steps, acc.num_processes)
         self.unet, self.optimizer, self.lr_schedule = acc.prepare(unet, optimizer, lr_schedule)
         self.model = acc.unwrap_model(self.unet)
-        self.ema = make_ema(self.model, cfg.train.ema_decay, run.device)
+        self.ema = make_ema(self.model, cfg.train.ema_decay, run.device, cfg.train.ema_start_step)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, acc)
         # One generator for the training noise, seeded alike on every process.
         self.noise_rng = torch.Generator(run.device).manual_seed(cfg.seed)

@@ -8,13 +8,16 @@ from typing import Iterator, Optional
 import torch
 
 
-def make_ema(model: torch.nn.Module, decay: Optional[float], device: torch.device):
-    """A diffusers `EMAModel` of `model`'s weights (None without a decay); foreach: one fused update per step."""
+def make_ema(model: torch.nn.Module, decay: Optional[float], device: torch.device, start_step: int = 0):
+    """A diffusers `EMAModel` of `model`'s weights (None without a decay); foreach: one fused update per step.
+
+    For the first `start_step` steps its decay is 0: the copy equals the weights (diffusers' update_after_step).
+    """
     if decay is None:
         return None
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(model.parameters(), decay=decay, foreach=True)
+    ema = EMAModel(model.parameters(), decay=decay, foreach=True, update_after_step=start_step)
     ema.to(device)
     return ema
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from accelerate import Accelerator
 
+from .augment import diff_augment
 from .config import DEFAULT_GAN_LR, CGANConfig, ConfigError
 from .ema import ema_step, make_ema
 from .grids import save_grid
-from .losses import GANLoss, gan_loss, gradient_penalty, mode_seeking_penalty
+from .losses import GANLoss, gan_loss, gradient_penalty, mode_seeking_penalty, r1_penalty
 from .loop import FUSED_DEVICES, NonFiniteGuard
 from .models.cgan import CGANDiscriminator, CGANGenerator
 from .pipeline_cgan import CGANPipeline
@@ -36,8 +37,8 @@ def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
     shared = dict(arch=m.arch, num_classes=num_classes, label_emb_dim=m.label_emb_dim, base_channels=m.base_channels,
                   bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, image_size=image_size, channels=channels)
     generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, **shared)
-    discriminator = CGANDiscriminator(norm=m.d_norm, conditioning=m.d_conditioning, class_std=m.d_class_std,
-                                      **shared)
+    norm, conditioning = m.discriminator()
+    discriminator = CGANDiscriminator(norm=norm, conditioning=conditioning, class_std=m.d_class_std, **shared)
     return generator, discriminator
 
 
@@ -80,6 +81,9 @@ class GANStep:
     guard: NonFiniteGuard
     ema: Optional[object] = None
     mode_seeking: float = 0.0  # MSGAN weight; > 0 gives both halves of the fake batch the same labels
+    augment: Sequence[str] = ()  # DiffAugment policy: every image D sees, real or fake, goes through it
+    r1_gamma: float = 0.0
+    r1_every: int = 16
 
     def __call__(self, step: int, real: torch.Tensor, labels: torch.Tensor, measure_grads: bool = False) -> dict:
         acc, G, D = self.accelerator, self.generator, self.discriminator
@@ -89,13 +93,23 @@ class GANStep:
         fake = G(z, fake_labels)
 
         # Discriminator (critic) update.
-        real_logits = D(real, labels)
-        fake_logits = D(fake.detach(), fake_labels)
+        real_input = diff_augment(real, self.augment)
+        # Lazy R1: on its steps (decided from the step number, no host sync) the real batch D scores anyway
+        # is the one differentiated, scaled by the interval so its mean weight is r1_gamma.
+        r1_step = self.r1_gamma > 0 and step % self.r1_every == 0
+        if r1_step:
+            real_input = real_input.detach().requires_grad_(True)
+        real_logits = D(real_input, labels)
+        fake_logits = D(diff_augment(fake.detach(), self.augment), fake_labels)
         loss_d = self.loss.discriminator(real_logits, fake_logits)
         if self.loss.gradient_penalty:
             loss_d = loss_d + self.gp_weight * gradient_penalty(D, real, fake, labels)
         metrics = {"loss_d": loss_d.detach(), "d_real": real_logits.detach().mean(),
                    "d_fake": fake_logits.detach().mean()}
+        if r1_step:
+            r1 = r1_penalty(real_logits, real_input)
+            metrics["r1"] = r1.detach()
+            loss_d = loss_d + (self.r1_gamma / 2 * self.r1_every) * r1
         # Every process runs every backward (a skipped one would leave the others waiting in the gradient
         # all-reduce); a non-finite loss on any process skips the update on all, on the device.
         skip_d = self.guard.check(loss_d)
@@ -110,7 +124,7 @@ class GANStep:
             return metrics
 
         # Generator update, against the discriminator just updated, reusing this step's fakes.
-        loss_g = self.loss.generator(D(fake, fake_labels))
+        loss_g = self.loss.generator(D(diff_augment(fake, self.augment), fake_labels))
         metrics["loss_g"] = loss_g.detach()
         if self.mode_seeking and real.shape[0] >= 2:
             penalty = mode_seeking_penalty(fake, z)
@@ -168,12 +182,13 @@ class CGAN:
         self.generator, self.discriminator, self.opt_g, self.opt_d = acc.prepare(generator, discriminator,
                                                                                  opt_g, opt_d)
         self.model = acc.unwrap_model(self.generator)
-        self.ema = make_ema(self.model, cfg.train.ema_decay, run.device)
+        self.ema = make_ema(self.model, cfg.train.ema_decay, run.device, cfg.train.ema_start_step)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, acc)
         self.step = GANStep(accelerator=acc, generator=self.generator, discriminator=self.discriminator,
                             opt_g=self.opt_g, opt_d=self.opt_d, loss=gan_loss(cfg.loss.name),
                             gp_weight=cfg.loss.gp_weight, critic_steps=cfg.loss.critic_steps, guard=self.guard,
-                            ema=self.ema, mode_seeking=cfg.loss.mode_seeking)
+                            ema=self.ema, mode_seeking=cfg.loss.mode_seeking, augment=tuple(cfg.loss.diffaugment),
+                            r1_gamma=cfg.loss.r1_gamma, r1_every=cfg.loss.r1_every)
         self.pipeline = CGANPipeline(model=self.model, class_names=run.data.class_names)
         self.run = run
         # Fixed noise for the grids, drawn from the run's seed (a generator of its own: no global draw).

@@ -1,4 +1,4 @@
-"""Training objectives: four GAN losses (BCE, WGAN-GP, LSGAN, hinge), and the diffusion objective (`DiffusionObjective`).
+"""Training objectives: four GAN losses (BCE, WGAN-GP, LSGAN, hinge) and their penalties, and the diffusion objective (`DiffusionObjective`).
 
 GAN losses take discriminator logits. Each returns a scalar to minimise.
 """
@@ -82,6 +82,13 @@ def gradient_penalty(critic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     scores = critic(x_hat, labels)
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_input: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al., 2018): E[||grad_x D(x)||^2] at the real images D just scored, kept differentiable
+    in D's weights. `real_input` is the tensor D was given, with requires_grad set before the forward pass."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_input, create_graph=True)
+    return grad.float().square().flatten(1).sum(1).mean()
 
 
 def mode_seeking_penalty(images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

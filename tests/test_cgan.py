@@ -68,8 +68,8 @@ def test_discriminator_with_class_std_tells_a_collapsed_batch_from_a_varied_one(
     labels = torch.tensor([3] * 8)
     varied = torch.rand(8, 1, 28, 28) * 2 - 1
     collapsed = varied[:1].expand(8, -1, -1, -1)
-    torch.nn.init.constant_(d.head.weight_orig[:, -1:], 5.0)  # weight on the spread input only
-    torch.nn.init.zeros_(d.head.weight_orig[:, :-1])
+    torch.nn.init.constant_(d.head.parametrizations.weight.original[:, -1:], 5.0)  # weight on the spread input only
+    torch.nn.init.zeros_(d.head.parametrizations.weight.original[:, :-1])
     assert (d(varied, labels) > d(collapsed, labels)).all()  # same first image, different batch companions
     assert d.head.in_features == CGANDiscriminator(base_channels=8).head.in_features + 1
 
@@ -416,14 +416,16 @@ def test_channels_last_trains_the_same_model(script, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_run_resumes_without_compile(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.d_norm=spectral", "model.d_conditioning=projection", "loss.name=hinge"]],
+                         ids=["batchnorm", "spectral_norm"])  # spectral norm's power iteration under compile
+def test_compiled_run_resumes_without_compile(extra, tmp_path):
     """torch.compile is applied in place: checkpoints carry the same keys, so a run can switch it off."""
     compiled = tmp_path / "compiled"
-    assert run_script("train_cgan", CGANConfig, compiled, TINY + ["train.compile=true"]) == 0
+    assert run_script("train_cgan", CGANConfig, compiled, TINY + extra + ["train.compile=true"]) == 0
     plain = tmp_path / "plain"
-    assert run_script("train_cgan", CGANConfig, plain, TINY) == 0
+    assert run_script("train_cgan", CGANConfig, plain, TINY + extra) == 0
     assert load_safetensors_dir(compiled / "pipeline").keys() == load_safetensors_dir(plain / "pipeline").keys()
     shutil.rmtree(compiled / "pipeline")
     shutil.rmtree(list_checkpoints(compiled)[-1])
-    assert run_script("train_cgan", CGANConfig, compiled, TINY, "--resume", "latest") == 0
+    assert run_script("train_cgan", CGANConfig, compiled, TINY + extra, "--resume", "latest") == 0
     assert (compiled / "pipeline" / "model_index.json").exists()

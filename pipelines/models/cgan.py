@@ -1,5 +1,7 @@
-"""Conditional DCGAN-style networks: up-sampling by ConvTranspose2d (`transposed_conv`, configs/cgan/report_a.yaml)
-or by nearest Upsample + Conv2d (`upsample_conv`, configs/cgan/notes_e.yaml).
+"""Conditional GAN networks: the seeds' DCGAN-style pair, up-sampling by ConvTranspose2d (`transposed_conv`,
+configs/cgan/report_a.yaml) or by nearest Upsample + Conv2d (`upsample_conv`, configs/cgan/notes_e.yaml), and a
+residual pair (`resnet`, the SNGAN / BigGAN family: class-conditional BatchNorm in G, a projection D of residual
+blocks, configs/cgan/fmnist_resnet.yaml).
 
 The generator is a diffusers `ModelMixin` + `ConfigMixin`, so it saves and loads with
 `save_pretrained` / `from_pretrained` (safetensors) and travels inside `CGANPipeline`.
@@ -15,9 +17,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
-from torch.nn.utils import spectral_norm
+from torch.nn.utils.parametrizations import spectral_norm
 
-ARCHS = ("transposed_conv", "upsample_conv")
+ARCHS = ("transposed_conv", "upsample_conv", "resnet")
 OLD_ARCH_NAMES = {"report_a": "transposed_conv", "notes_e": "upsample_conv"}  # exports made before the rename
 
 
@@ -53,6 +55,12 @@ class CGANGenerator(ModelMixin, ConfigMixin):
                 nn.ConvTranspose2d(wide, narrow, 4, 2, 1), nn.BatchNorm2d(narrow, **bn), nn.LeakyReLU(0.2),
                 nn.ConvTranspose2d(narrow, channels, 4, 2, 1), nn.Tanh(),
             )
+        elif arch == "resnet":
+            self.fc = nn.Linear(latent_dim + label_emb_dim, wide * s * s)
+            self.blocks = nn.ModuleList([GeneratorBlock(wide, wide, label_emb_dim, **bn),
+                                         GeneratorBlock(wide, narrow, label_emb_dim, **bn)])
+            self.net = nn.Sequential(nn.BatchNorm2d(narrow, **bn), nn.ReLU(), nn.Conv2d(narrow, channels, 3, 1, 1),
+                                     nn.Tanh())
         else:
             self.fc = nn.Sequential(nn.Linear(latent_dim + label_emb_dim, wide * s * s), nn.ReLU())
             self.net = nn.Sequential(
@@ -84,8 +92,43 @@ class CGANGenerator(ModelMixin, ConfigMixin):
         """Images for labels, or for label embeddings given directly (class interpolation)."""
         if label_embeddings is None:
             label_embeddings = self.label_emb(labels)
-        h = self.fc(torch.cat([z, label_embeddings], dim=1))
-        return self.net(h.view(-1, *self.start))
+        h = self.fc(torch.cat([z, label_embeddings], dim=1)).view(-1, *self.start)
+        if self.config.arch == "resnet":
+            for block in self.blocks:
+                h = block(h, label_embeddings)
+        return self.net(h)
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm whose scale and shift come from the class embedding (BigGAN's shared-embedding form):
+    gain 1 + W_g e, bias W_b e, so a fresh layer is plain BatchNorm."""
+
+    def __init__(self, channels: int, emb_dim: int, momentum: float, eps: float):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False, momentum=momentum, eps=eps)
+        self.gain, self.bias = nn.Linear(emb_dim, channels, bias=False), nn.Linear(emb_dim, channels, bias=False)
+        nn.init.zeros_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        gain, bias = (1 + self.gain(emb)).view(-1, x.shape[1], 1, 1), self.bias(emb).view(-1, x.shape[1], 1, 1)
+        return self.bn(x) * gain.to(x.dtype) + bias.to(x.dtype)
+
+
+class GeneratorBlock(nn.Module):
+    """cBN-ReLU-up-conv3-cBN-ReLU-conv3, plus a nearest-up 1x1-conv shortcut: doubles the resolution."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, momentum: float, eps: float):
+        super().__init__()
+        self.bn1, self.bn2 = (ConditionalBatchNorm(c, emb_dim, momentum, eps) for c in (in_ch, out_ch))
+        self.conv1, self.conv2 = nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.Conv2d(out_ch, out_ch, 3, 1, 1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        up = nn.functional.interpolate
+        h = self.conv1(up(nn.functional.relu(self.bn1(x, emb)), scale_factor=2))
+        h = self.conv2(nn.functional.relu(self.bn2(h, emb)))
+        return h + self.shortcut(up(x, scale_factor=2))
 
 
 def class_feature_std(h: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -108,6 +151,7 @@ class CGANDiscriminator(nn.Module):
     Linear -> HxW map; upsample_conv: Embedding(K, 1) broadcast over HxW).
     `conditioning="projection"` (Miyato & Koyama, 2018) adds <embed(y), features> to the logit.
     `norm="spectral"` replaces BatchNorm by spectral normalisation of every layer.
+    `arch="resnet"`: residual blocks summed over positions, spectral norm and projection only.
     `class_std=True` gives the head one more input: the spread of the batch's features within each
     sample's class (ProGAN's minibatch standard deviation, taken per class). A generator that draws
     every sample of a class alike shows a smaller spread than real batches do, so D can punish it.
@@ -123,6 +167,9 @@ class CGANDiscriminator(nn.Module):
             raise ValueError(f"norm={norm!r}: valid choices are batch, spectral")
         if conditioning not in ("label_map", "projection"):
             raise ValueError(f"conditioning={conditioning!r}: valid choices are label_map, projection")
+        if arch == "resnet" and (norm, conditioning) != ("spectral", "projection"):
+            raise ValueError(f"arch=resnet has a spectral-norm projection discriminator only: got norm={norm!r}, "
+                             f"conditioning={conditioning!r} (use norm='spectral', conditioning='projection')")
         sn = spectral_norm if norm == "spectral" else (lambda m: m)
         self.arch, self.conditioning, self.image_size = arch, conditioning, image_size
         self.num_classes, self.class_std = num_classes, class_std
@@ -135,15 +182,42 @@ class CGANDiscriminator(nn.Module):
             else:
                 self.label_map = nn.Embedding(num_classes, 1)
         wide, narrow = 2 * base_channels, base_channels
-        self.features = nn.Sequential(
+        if arch == "resnet":
+            # Residual blocks down to s x s, ReLU and a sum over positions (SNGAN's D): one feature vector of
+            # `wide` values per image, so the head and the projection stay small.
+            self.features = nn.Sequential(
+                DiscriminatorBlock(in_channels, narrow, down=True, first=True),
+                DiscriminatorBlock(narrow, wide, down=True), DiscriminatorBlock(wide, wide), nn.ReLU(), SumPool())
+            num_features = wide
+        else:
+            self.features = self._dcgan_features(in_channels, narrow, wide, bn_momentum, bn_eps, norm, sn)
+            num_features = wide * s * s
+        self.head = sn(nn.Linear(num_features + int(class_std), 1))
+        if conditioning == "projection":
+            self.projection = sn(nn.Embedding(num_classes, num_features))
+
+    @staticmethod
+    def _dcgan_features(in_channels: int, narrow: int, wide: int, bn_momentum: float, bn_eps: float, norm: str,
+                        sn) -> nn.Sequential:
+        return nn.Sequential(
             sn(nn.Conv2d(in_channels, narrow, 4, 2, 1)), nn.LeakyReLU(0.2),
             sn(nn.Conv2d(narrow, wide, 4, 2, 1)),
             nn.BatchNorm2d(wide, momentum=bn_momentum, eps=bn_eps) if norm == "batch" else nn.Identity(),
             nn.LeakyReLU(0.2), nn.Flatten(),
         )
-        self.head = sn(nn.Linear(wide * s * s + int(class_std), 1))
-        if conditioning == "projection":
-            self.projection = sn(nn.Embedding(num_classes, wide * s * s))
+
+    # Spectral norm is the parametrization form (torch.compile can trace it; the old hook form updates its
+    # power-iteration vector in place and breaks the compiled backward). Checkpoints written with the hook
+    # form load: the same tensors under the old names.
+    OLD_SPECTRAL_KEYS = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
+                         "weight_v": "parametrizations.weight.0._v"}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            head, _, last = key.rpartition(".")
+            if last in self.OLD_SPECTRAL_KEYS:
+                state_dict[f"{head}.{self.OLD_SPECTRAL_KEYS[last]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.conditioning == "label_map":
@@ -156,3 +230,34 @@ class CGANDiscriminator(nn.Module):
         if self.conditioning == "projection":
             logits = logits + (self.projection(labels) * h).sum(dim=1)
         return logits
+
+
+class DiscriminatorBlock(nn.Module):
+    """ReLU-conv3-ReLU-conv3 (+ 2x2 average pool), spectrally normalised, with a 1x1-conv shortcut.
+
+    The first block skips the leading ReLU (its input is the image) and pools before its shortcut's conv,
+    as in SNGAN's "optimized" block."""
+
+    def __init__(self, in_ch: int, out_ch: int, down: bool = False, first: bool = False):
+        super().__init__()
+        self.down, self.first = down, first
+        self.conv1 = spectral_norm(nn.Conv2d(in_ch, out_ch, 3, 1, 1))
+        self.conv2 = spectral_norm(nn.Conv2d(out_ch, out_ch, 3, 1, 1))
+        self.shortcut = spectral_norm(nn.Conv2d(in_ch, out_ch, 1)) if in_ch != out_ch or down else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu, pool = nn.functional.relu, nn.functional.avg_pool2d
+        h = self.conv2(relu(self.conv1(x if self.first else relu(x))))
+        if self.down:
+            h = pool(h, 2)
+        if self.shortcut is None:
+            return h + x
+        if self.first:
+            return h + self.shortcut(pool(x, 2))
+        skip = self.shortcut(x)
+        return h + (pool(skip, 2) if self.down else skip)
+
+
+class SumPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=(2, 3))
