@@ -235,8 +235,9 @@ class CGANDiscriminator(nn.Module):
 class DiscriminatorBlock(nn.Module):
     """ReLU-conv3-ReLU-conv3 (+ 2x2 average pool), spectrally normalised, with a 1x1-conv shortcut.
 
-    The first block skips the leading ReLU (its input is the image) and pools before its shortcut's conv,
-    as in SNGAN's "optimized" block."""
+    The first block skips the leading ReLU (its input is the image), as in SNGAN's "optimized" block. The
+    shortcut pools before its 1x1 conv: both are linear, so the order does not change the function, and the
+    conv then runs on a quarter of the positions."""
 
     def __init__(self, in_ch: int, out_ch: int, down: bool = False, first: bool = False):
         super().__init__()
@@ -248,14 +249,10 @@ class DiscriminatorBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu, pool = nn.functional.relu, nn.functional.avg_pool2d
         h = self.conv2(relu(self.conv1(x if self.first else relu(x))))
+        skip = x
         if self.down:
-            h = pool(h, 2)
-        if self.shortcut is None:
-            return h + x
-        if self.first:
-            return h + self.shortcut(pool(x, 2))
-        skip = self.shortcut(x)
-        return h + (pool(skip, 2) if self.down else skip)
+            h, skip = pool(h, 2), pool(x, 2)
+        return h + (skip if self.shortcut is None else self.shortcut(skip))
 
 
 class SumPool(nn.Module):
