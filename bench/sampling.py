@@ -22,6 +22,7 @@ from common import machine_line
 from pipelines import CGANPipeline, ClassConditionalDiffusionPipeline
 from pipelines.config import CGANConfig, DDPMConfig, load_config
 from pipelines.diffusion import build_noise_scheduler
+from pipelines.evaluation import compile_sampler
 from pipelines.gan import build_cgan
 from pipelines.models.unet import build_unet
 
@@ -69,6 +70,9 @@ def main() -> None:
     p.add_argument("--ddpm-config", default="configs/ddpm/demo_cpu.yaml")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--skip-ddpm-full", action="store_true", help="skip the slow T-step ancestral sampler")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each pipeline's default sampler with its network compiled as `eval.py --compile` "
+                        "does it (CUDA graphs on a GPU)")
     p.add_argument("--json")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,7 +90,7 @@ def main() -> None:
     settings = [("ddpm", DDPMScheduler, T)] if not args.skip_ddpm_full else []
     settings += [("ddim", DDIMScheduler, n) for n in (50, 20, 10)] + [("dpmsolver++", DPMSolverMultistepScheduler, n)
                                                                        for n in (20, 10)]
-    base = pipe.scheduler.config
+    base, base_scheduler = pipe.scheduler.config, pipe.scheduler
     for name, cls, steps in settings:
         pipe.scheduler = cls.from_config(base)
         for w in (1.0, 2.0):
@@ -94,12 +98,24 @@ def main() -> None:
                          **time_call(lambda: pipe(labels, num_inference_steps=steps, guidance_scale=w,
                                                   output_type="pt"), args.batch)})
 
+    if args.compile:
+        pipe.scheduler = type(base_scheduler).from_config(base)
+        for name, p_, call in (("cgan", gan, lambda: gan(labels, output_type="pt")),
+                               ("ddpm", pipe, lambda: pipe(labels, output_type="pt"))):
+            default = "one forward pass" if name == "cgan" else (f"{type(pipe.scheduler).__name__} default "
+                                                                 f"{pipe.config.default_steps}")
+            eager = time_call(call, args.batch)
+            mode, _ = compile_sampler(p_)
+            rows.append({"model": name, "sampler": f"{default}, eager", "steps": None, "guidance": None, **eager})
+            rows.append({"model": name, "sampler": f"{default}, compiled {mode}", "steps": None, "guidance": None,
+                         **time_call(call, args.batch)})
+
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(machine_line(f"batch {args.batch}"))
     print(f"{'model':6} {'sampler':16} {'steps':>5} {'guid.':>5} {'img/s':>9} {'s/img':>9} {'peak MiB':>9}")
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-        print(f"{r['model']:6} {r['sampler']:16} {r['steps']:>5} {str(r['guidance'] or '-'):>5} "
+        print(f"{r['model']:6} {r['sampler']:16} {str(r['steps'] or '-'):>5} {str(r['guidance'] or '-'):>5} "
               f"{r['images_per_s']:>9.1f} {r['s_per_image']:>9.4f} {peak:>9}")
     if args.json:
         with open(args.json, "w") as f:

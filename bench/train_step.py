@@ -28,7 +28,19 @@ from pipelines.config import CGANConfig, DDPMConfig, load_config
 from pipelines.diffusion import DDPM
 from pipelines.gan import CGAN
 from pipelines.losses import gan_loss
-from pipelines.run import Run, make_accelerator
+from pipelines.run import Run, make_accelerator, uses_cuda_graphs
+
+
+def graphed(cfg, run: Run, fn):
+    """`fn` as the trainer runs it: with CUDA graphs (train.compile_mode), each step marked as a new one."""
+    if not uses_cuda_graphs(cfg, run.device):
+        return fn
+
+    def step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+        fn()
+
+    return step
 
 
 def timed(fn, steps: int, warmup: int) -> float:
@@ -64,7 +76,8 @@ def bench_cgan(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dic
     cfg, run, gan = build(CGAN, CGANConfig, path, overrides)
     it = batches(run)
     counter = iter(range(10**9))
-    ours = timed(lambda: gan.train_step(next(counter), [next(it)], measure_grads=False), steps, warmup)
+    ours = timed(graphed(cfg, run, lambda: gan.train_step(next(counter), [next(it)], measure_grads=False)), steps,
+                 warmup)
 
     # Ceiling: one fixed batch, plain PyTorch, the same losses and both updates.
     real, labels = next(it)
@@ -83,14 +96,14 @@ def bench_cgan(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dic
         loss_g.backward()
         opt_g.step()
 
-    ceiling = timed(bare, steps, warmup)
+    ceiling = timed(graphed(cfg, run, bare), steps, warmup)
     return row("cgan", path, cfg.train.batch_size, steps, ours, ceiling)
 
 
 def bench_ddpm(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dict:
     cfg, run, ddpm = build(DDPM, DDPMConfig, path, overrides)
     it = batches(run)
-    ours = timed(lambda: ddpm.train_step(0, [next(it)], measure_grads=False), steps, warmup)
+    ours = timed(graphed(cfg, run, lambda: ddpm.train_step(0, [next(it)], measure_grads=False)), steps, warmup)
 
     # Ceiling: the same U-Net and optimizer on one fixed noised batch, plain PyTorch.
     x0, labels = next(it)
@@ -105,7 +118,7 @@ def bench_ddpm(path: str, steps: int, warmup: int, overrides: tuple = ()) -> dic
         loss.backward()
         opt.step()
 
-    ceiling = timed(bare, steps, warmup)
+    ceiling = timed(graphed(cfg, run, bare), steps, warmup)
     return row("ddpm", path, cfg.train.batch_size, steps, ours, ceiling)
 
 

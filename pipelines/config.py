@@ -16,6 +16,8 @@ from .typed_yaml import (  # noqa: F401 (the config API is used through this mod
 )
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+# torch.compile's modes. reduce-overhead and max-autotune also capture CUDA graphs (a CUDA device only).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass
@@ -265,6 +267,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
     # Speed options, applied to the networks in place (checkpoints and exports are the same either way):
     compile: bool = False  # torch.compile the forward passes; pays on GPUs, costs compile time up front
+    # With train.compile: reduce-overhead replays each compiled forward and backward as a CUDA graph (one launch
+    # for the small models whose steps are launch-bound); elsewhere than CUDA it falls back to default, and says so.
+    compile_mode: CompileMode = "default"
     channels_last: bool = False  # NHWC memory format for the conv nets; pays with bf16/fp16 on tensor cores
     # How long a process waits in a collective (the others' evaluation, a checkpoint on a slow filesystem)
     # before the job is failed: torch's default for NCCL is 10 minutes, short for a long evaluation.
@@ -280,6 +285,9 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay={self.ema_decay}: must be in (0, 1) or null")
         if self.ema_start_step < 0:
             raise ConfigError(f"train.ema_start_step={self.ema_start_step}: must be >= 0")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"train.compile_mode={self.compile_mode} needs train.compile=true (it is torch.compile's "
+                              "mode); set both, or leave compile_mode at default")
 
 
 @dataclass

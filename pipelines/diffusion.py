@@ -114,7 +114,7 @@ class DDPM:
                               f"(valid: 0..{data.num_classes - 1})")
         guidance = cfg.diffusion.label_dropout > 0
         unet = build_unet(cfg.model, data.num_classes, *run.image_shape, null_class=guidance)
-        apply_speed_options(cfg, unet)
+        apply_speed_options(cfg, acc, unet)
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
         optimizer = build_optimizer(unet, cfg.optim, run.device, run.lr_scale)
         lr_schedule = build_lr_schedule(optimizer, cfg.optim, run.total_steps, acc.num_processes)

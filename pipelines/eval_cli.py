@@ -49,6 +49,9 @@ def evaluate_main(argv: list[str]) -> int:
                    help="guide only the steps with LO <= t/T <= HI, e.g. 0 0.6")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network for the batch first; on a GPU each sampling step replays a CUDA "
+                        "graph (pays for many images; compilation takes a minute or so)")
     p.add_argument("--out", help="output folder (default: <path>/eval/<features>-<sampler>)")
     p.add_argument("--no-pngs", action="store_true", help="do not write one PNG per sample")
     p.add_argument("--wandb", choices=["disabled", "auto", "offline", "online"], default="disabled",
@@ -95,7 +98,7 @@ def evaluate_main(argv: list[str]) -> int:
                       scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                       guidance_interval=args.guidance_interval, seed=args.seed,
                       batch_size=args.batch_size, accelerator=accelerator, save_pngs=not args.no_pngs,
-                      on_scored=on_scored)
+                      on_scored=on_scored, compile=args.compile)
     accelerator.end_training()
     if accelerator.is_main_process:
         export = path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path

@@ -177,7 +177,7 @@ class CGAN:
         cfg, acc = run.cfg, run.accelerator
         channels, size = run.image_shape
         generator, discriminator = build_cgan(cfg, run.data.num_classes, channels, size)
-        apply_speed_options(cfg, generator, discriminator)
+        apply_speed_options(cfg, acc, generator, discriminator)
         opt_g, opt_d = make_optimizers(cfg, generator, discriminator, run.device, run.lr_scale)
         self.generator, self.discriminator, self.opt_g, self.opt_d = acc.prepare(generator, discriminator,
                                                                                  opt_g, opt_d)

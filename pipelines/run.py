@@ -69,14 +69,33 @@ def start_run(accelerator: Accelerator, cfg: Any, output_dir: Path, data: Any = 
     save_config(cfg, path, extra={"dataset": dataset} if dataset else None)
 
 
-def apply_speed_options(cfg: Any, *models: torch.nn.Module) -> None:
-    """`train.channels_last` and `train.compile`, in place: no wrapper module, so state-dict keys,
-    checkpoints and exports do not depend on them and a run may resume with them switched."""
+def compile_mode(mode: str, device: torch.device) -> tuple[str, Optional[str]]:
+    """The torch.compile mode to use for `train.compile_mode` on `device`, and why it differs, if it does.
+
+    CUDA graphs exist on CUDA devices only: elsewhere the modes that capture them fall back to the same
+    compilation without them, rather than to a silent no-op of torch's."""
+    if device.type == "cuda" or mode in ("default", "max-autotune-no-cudagraphs"):
+        return mode, None
+    fallback = "default" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+    return fallback, (f"train.compile_mode={mode}: CUDA graphs need a CUDA device, this run is on {device.type}; "
+                      f"compiling with mode={fallback} instead")
+
+
+def uses_cuda_graphs(cfg: Any, device: torch.device) -> bool:
+    return cfg.train.compile and compile_mode(cfg.train.compile_mode, device)[0] in ("reduce-overhead", "max-autotune")
+
+
+def apply_speed_options(cfg: Any, accelerator: Accelerator, *models: torch.nn.Module) -> None:
+    """`train.channels_last` and `train.compile` (in `train.compile_mode`), in place: no wrapper module, so
+    state-dict keys, checkpoints and exports do not depend on them and a run may resume with them switched."""
+    mode, why = compile_mode(cfg.train.compile_mode, accelerator.device)
+    if cfg.train.compile and why:
+        accelerator.print(why)
     for model in models:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         if cfg.train.compile:
-            model.compile()
+            model.compile(mode=mode)
 
 
 def training_batches(cfg: Any, accelerator: Accelerator):

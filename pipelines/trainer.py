@@ -21,7 +21,7 @@ from .grids import class_grid_labels, save_grid, write_grid
 from .loop import NonFiniteGuard, Upkeep, progress, steps_from
 from .model_card import GRID_FILE, TRAINING_FILE, write_model_card
 from .publish import check_can_push, push_run
-from .run import Run, start_run
+from .run import Run, start_run, uses_cuda_graphs
 from .tracking import log_export
 from .typed_yaml import to_dict
 
@@ -150,7 +150,10 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
     start_run(run.accelerator, cfg, run.out, run.data)  # set-up passed: only now does the run write config.yaml and open W&B
 
     bar = progress(run.accelerator, run.total_steps, step, family.name)
+    cuda_graphs = uses_cuda_graphs(cfg, run.device)
     for _, micro_batches in steps_from(run.loader, step, run.total_steps, run.accumulation):
+        if cuda_graphs:  # a new step: the graphs may reuse the last step's output memory (all read by now)
+            torch.compiler.cudagraph_mark_step_begin()
         metrics = family.train_step(step, micro_batches, measure_grads=(step + 1) % cfg.log.every_steps == 0)
         step += 1
         training.step = step

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The standing GPU check (see ../shared/GPU.md): about 8 minutes on one H200.
 #   bash scripts/gpu_check.sh OUT_DIR [DATA_DIR]
-# Prints the GPU figures of bench/, trains the Fashion-MNIST DDPM quality and best-cGAN recipes
-# time-boxed, evaluates both with the offline classifier, and leaves at most 8 files in OUT_DIR: two
-# benchmark JSONs, two metrics JSONs, two grids (the log is the caller's tee). Each training gets a
-# budget of seconds (DDPM_SECONDS, CGAN_SECONDS) turned into a step count from the benchmark's own
-# seconds per step, so the cosine schedule still runs to its end inside the box.
-# SMALL=1 shrinks everything for a CPU rehearsal.
+# Prints the GPU figures of bench/ (each trainer's step against its ceiling; the speed options, the CUDA-graph
+# compile modes among them, on the report-B cGAN and the bf16 quality DDPM; sampling, eager and compiled),
+# trains the Fashion-MNIST DDPM quality and best-cGAN recipes time-boxed, evaluates both with the offline
+# classifier, and packs both exports in fp16. It leaves 5 files in OUT_DIR (the log is the caller's tee):
+# figures.json (every benchmark and metric), two grids, two export tars (each under the 16 MiB a file may
+# have; for pretrained/). Each training gets a budget of seconds (DDPM_SECONDS, CGAN_SECONDS) turned into a
+# step count from the benchmark's own seconds per step, so the cosine schedule still runs to its end inside
+# the box. SPEED=0 skips the speed-option and compiled-sampling figures. SMALL=1 shrinks everything for a CPU
+# rehearsal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_check.sh OUT_DIR [DATA_DIR]}
@@ -20,12 +23,16 @@ data=()
 if [ "${SMALL:-0}" = 1 ]; then
   steps=(--steps 3 --warmup 1); sample_batch=4; n=5
   ddpm_seconds=${DDPM_SECONDS:-20}; cgan_seconds=${CGAN_SECONDS:-10}
+  # compilation takes minutes on 2 CPU cores; the CUDA-graph modes skip there
+  cgan_variants=(channels_last); ddpm_variants=(channels_last)
   # The CPU has no fast bf16 and the recipe's batch of 128 takes ~18 s a step there.
   ddpm_size=("model.block_out_channels=[16,32,32]" "model.attention=[false,false,false]" model.norm_num_groups=8
              train.batch_size=16 train.mixed_precision=no)
 else
   steps=(--steps 30 --warmup 5); sample_batch=250; n=200
-  ddpm_seconds=${DDPM_SECONDS:-240}; cgan_seconds=${CGAN_SECONDS:-75}
+  ddpm_seconds=${DDPM_SECONDS:-150}; cgan_seconds=${CGAN_SECONDS:-45}
+  # Each compiled variant pays its compilation (a minute or more for the U-Net) inside the 9-minute call.
+  cgan_variants=(channels_last compile "compile reduce-overhead"); ddpm_variants=(channels_last "compile reduce-overhead")
   ddpm_size=(train.mixed_precision=bf16)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -45,8 +52,16 @@ print(max(10, int(0.8 * float(sys.argv[3]) / r['ours_s_per_step'])))" "$OUT/benc
   }
   ddpm_steps=$(steps_for ddpm "$ddpm_seconds"); cgan_steps=$(steps_for cgan "$cgan_seconds")
   say "sampling"
+  compiled=(); [ "${SPEED:-1}" = 1 ] && compiled=(--compile)
   "$PY" bench/sampling.py --ddpm-config configs/ddpm/report_a.yaml --batch "$sample_batch" --skip-ddpm-full \
-    --json "$OUT/bench_sampling.json"
+    "${compiled[@]}" --json "$OUT/bench_sampling.json"
+  if [ "${SPEED:-1}" = 1 ]; then
+    say "speed options: report-B cGAN (fp32), quality DDPM (as trained below)"
+    "$PY" bench/speed_options.py --trainers cgan --cgan configs/cgan/report_b_hinge_emb10.yaml "${steps[@]}" \
+      --variants "${cgan_variants[@]}" --set "${data[@]}" --json "$OUT/bench_speed_cgan.json"
+    "$PY" bench/speed_options.py --trainers ddpm --ddpm configs/ddpm/fmnist_quality.yaml "${steps[@]}" \
+      --variants "${ddpm_variants[@]}" --set "${ddpm_size[@]}" "${data[@]}" --json "$OUT/bench_speed_ddpm.json"
+  fi
 fi
 
 say "DDPM, quality recipe, $ddpm_steps steps (${ddpm_seconds} s budget)"
@@ -67,5 +82,18 @@ say "cGAN, best recipe, $cgan_steps steps (${cgan_seconds} s budget)"
   ${DATA:+--data fashion_mnist --data-path "$DATA"}
 cp "$WORK/cgan/eval/final/metrics.json" "$OUT/cgan_metrics.json"
 cp "$WORK/cgan/eval/final/grid.png" "$OUT/cgan_grid.png"
+say "exports in fp16"
+for name in ddpm cgan; do
+  "$PY" scripts/pack_export.py "$WORK/$name/pipeline" "$OUT/${name}_fp16.tar"
+done
+# One JSON for every figure: at most 8 files come back, and a half-run script leaves its parts instead.
+"$PY" - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+parts = sorted(p for p in out.glob("*.json") if p.name != "figures.json")
+(out / "figures.json").write_text(json.dumps({p.stem: json.loads(p.read_text()) for p in parts}, indent=2))
+for p in parts:
+    p.unlink()
+PY
 rm -rf "$WORK"
 say "done: $(ls "$OUT")"

@@ -359,3 +359,20 @@ def test_in_training_evaluation_without_a_shipped_classifier_trains_one_once_and
     assert "using the classifier trained earlier for this data" in caplog.text and "training one" not in caplog.text
     assert [p.name for p in classifier_cache().iterdir()] == [cached.name]
     assert "eval/fid" in (tmp_path / "second" / "stats.jsonl").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cgan", "ddpm"])
+def test_eval_compiled_gives_the_same_images_and_says_which_mode(kind, pipelines_dir, classifier_dir, tmp_path, capsys):
+    """`eval.py --compile`: on this CPU plain compilation (CUDA graphs need a GPU), images equal up to rounding."""
+    from PIL import Image
+
+    common = [str(pipelines_dir / kind), "--data", "synthetic", "--classifier", str(classifier_dir),
+              "--num-per-class", "2", "--batch-size", "10", *(["--steps", "2"] if kind == "ddpm" else [])]
+    assert run_eval([*common, "--out", str(tmp_path / "eager")]) == 0
+    assert run_eval([*common, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert "--compile: mode=reduce-overhead: CUDA graphs need a CUDA device" in capsys.readouterr().out
+    eager, compiled = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("eager", "compiled"))
+    assert eager["compiled"] is None and compiled["compiled"] == "default"
+    a, b = (np.asarray(Image.open(tmp_path / n / "grid.png"), dtype=int) for n in ("eager", "compiled"))
+    assert np.abs(a - b).max() <= 1  # uint8 images: kernels that add in another order move a value by one at most
