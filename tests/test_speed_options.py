@@ -57,3 +57,18 @@ def test_reduce_overhead_trains_on_cpu_by_falling_back(tmp_path, capsys):
                                                                   "train.compile_mode=reduce-overhead"]) == 0
     assert "CUDA graphs need a CUDA device" in capsys.readouterr().out
     assert (out / "pipeline" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["cgan", "ddpm"])
+def test_the_sampler_is_compiled_for_evaluation_without_cuda_graphs_on_cpu(family):
+    from pipelines.evaluation import compile_sampler
+    from test_hub_exports import FAMILIES
+
+    pipe = FAMILIES[family]()
+    net = pipe.unet if family == "ddpm" else pipe.model
+    modes = []
+    compile_in_place = net.compile
+    net.compile = lambda **kw: (modes.append(kw.get("mode")), compile_in_place(**kw))
+    mode, why = compile_sampler(pipe)
+    assert modes == [mode] == ["default"]
+    assert "CUDA graphs need a CUDA device" in why
