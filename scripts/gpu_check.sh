@@ -5,7 +5,7 @@
 # compile modes among them, on the report-B cGAN and the bf16 quality DDPM; sampling, eager and compiled),
 # trains the Fashion-MNIST DDPM quality and best-cGAN recipes time-boxed, evaluates both with the offline
 # classifier, and packs both exports in fp16. It leaves 5 files in OUT_DIR (the log is the caller's tee):
-# figures.json (every benchmark and metric), two grids, two export tars (each under the 16 MiB a file may
+# figures.json (every benchmark and metric, rewritten after each part), two grids, two export tars (each under the 16 MiB a file may
 # have; for pretrained/). Each training gets a budget of seconds (DDPM_SECONDS, CGAN_SECONDS) turned into a
 # step count from the benchmark's own seconds per step, so the cosine schedule still runs to its end inside
 # the box. SPEED=0 skips the speed-option and compiled-sampling figures. SMALL=1 shrinks everything for a CPU
@@ -18,6 +18,16 @@ PY=${PY:-python3}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 say() { echo "== [$(date +%T)] $*"; }
+PARTS="$WORK/figures"; mkdir -p "$PARTS"
+fold() {  # every figure so far into OUT/figures.json, so a call cut short still brings back what it measured
+  "$PY" - "$PARTS" "$OUT/figures.json" <<'PY'
+import json, os, pathlib, sys
+parts, out = pathlib.Path(sys.argv[1]), sys.argv[2]
+merged = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
+pathlib.Path(out + ".partial").write_text(json.dumps(merged, indent=2))
+os.replace(out + ".partial", out)
+PY
+}
 data=()
 [ -n "$DATA" ] && data=(data.path="$DATA")
 if [ "${SMALL:-0}" = 1 ]; then
@@ -44,23 +54,26 @@ else
   say "training step vs ceiling"
   # The two recipes trained below, as trained (the DDPM in bf16), so their step times size the trainings.
   "$PY" bench/train_step.py --cgan configs/cgan/fmnist_best.yaml --ddpm configs/ddpm/fmnist_quality.yaml "${steps[@]}" \
-    --ddpm-set "${ddpm_size[@]}" "${data[@]}" --set "${data[@]}" --json "$OUT/bench_train_step.json"
+    --ddpm-set "${ddpm_size[@]}" "${data[@]}" --set "${data[@]}" --json "$PARTS/bench_train_step.json"
   # 80% of the budget at the benchmark's pace: the loop also draws grids and writes logs and checkpoints.
   steps_for() {  # trainer seconds -> optimizer steps
     "$PY" -c "import json,sys; r={x['trainer']: x for x in json.load(open(sys.argv[1]))['rows']}[sys.argv[2]]
-print(max(10, int(0.8 * float(sys.argv[3]) / r['ours_s_per_step'])))" "$OUT/bench_train_step.json" "$1" "$2"
+print(max(10, int(0.8 * float(sys.argv[3]) / r['ours_s_per_step'])))" "$PARTS/bench_train_step.json" "$1" "$2"
   }
+  fold
   ddpm_steps=$(steps_for ddpm "$ddpm_seconds"); cgan_steps=$(steps_for cgan "$cgan_seconds")
   say "sampling"
   compiled=(); [ "${SPEED:-1}" = 1 ] && compiled=(--compile)
   "$PY" bench/sampling.py --ddpm-config configs/ddpm/report_a.yaml --batch "$sample_batch" --skip-ddpm-full \
-    "${compiled[@]}" --json "$OUT/bench_sampling.json"
+    "${compiled[@]}" --json "$PARTS/bench_sampling.json"
+  fold
   if [ "${SPEED:-1}" = 1 ]; then
     say "speed options: report-B cGAN (fp32), quality DDPM (as trained below)"
     "$PY" bench/speed_options.py --trainers cgan --cgan configs/cgan/report_b_hinge_emb10.yaml "${steps[@]}" \
-      --variants "${cgan_variants[@]}" --set "${data[@]}" --json "$OUT/bench_speed_cgan.json"
+      --variants "${cgan_variants[@]}" --set "${data[@]}" --json "$PARTS/bench_speed_cgan.json"
     "$PY" bench/speed_options.py --trainers ddpm --ddpm configs/ddpm/fmnist_quality.yaml "${steps[@]}" \
-      --variants "${ddpm_variants[@]}" --set "${ddpm_size[@]}" "${data[@]}" --json "$OUT/bench_speed_ddpm.json"
+      --variants "${ddpm_variants[@]}" --set "${ddpm_size[@]}" "${data[@]}" --json "$PARTS/bench_speed_ddpm.json"
+    fold
   fi
 fi
 
@@ -72,7 +85,7 @@ say "DDPM, quality recipe, $ddpm_steps steps (${ddpm_seconds} s budget)"
 "$PY" eval.py "$WORK/ddpm" --num-per-class "$n" --no-pngs --out "$WORK/ddpm/eval/final" \
   --scheduler dpmsolver --steps 20 --guidance 2.5 --guidance-interval 0 0.45 \
   ${DATA:+--data fashion_mnist --data-path "$DATA"}
-cp "$WORK/ddpm/eval/final/metrics.json" "$OUT/ddpm_metrics.json"
+cp "$WORK/ddpm/eval/final/metrics.json" "$PARTS/ddpm_metrics.json"; fold
 cp "$WORK/ddpm/eval/final/grid.png" "$OUT/ddpm_grid.png"
 
 say "cGAN, best recipe, $cgan_steps steps (${cgan_seconds} s budget)"
@@ -80,20 +93,11 @@ say "cGAN, best recipe, $cgan_steps steps (${cgan_seconds} s budget)"
   log.wandb=disabled eval.every_epochs=null checkpoint.every_steps=100000 "${data[@]}"
 "$PY" eval.py "$WORK/cgan" --num-per-class "$n" --no-pngs --out "$WORK/cgan/eval/final" \
   ${DATA:+--data fashion_mnist --data-path "$DATA"}
-cp "$WORK/cgan/eval/final/metrics.json" "$OUT/cgan_metrics.json"
+cp "$WORK/cgan/eval/final/metrics.json" "$PARTS/cgan_metrics.json"; fold
 cp "$WORK/cgan/eval/final/grid.png" "$OUT/cgan_grid.png"
 say "exports in fp16"
 for name in ddpm cgan; do
   "$PY" scripts/pack_export.py "$WORK/$name/pipeline" "$OUT/${name}_fp16.tar"
 done
-# One JSON for every figure: at most 8 files come back, and a half-run script leaves its parts instead.
-"$PY" - "$OUT" <<'PY'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-parts = sorted(p for p in out.glob("*.json") if p.name != "figures.json")
-(out / "figures.json").write_text(json.dumps({p.stem: json.loads(p.read_text()) for p in parts}, indent=2))
-for p in parts:
-    p.unlink()
-PY
 rm -rf "$WORK"
 say "done: $(ls "$OUT")"
