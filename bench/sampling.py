@@ -98,17 +98,15 @@ def main() -> None:
                          **time_call(lambda: pipe(labels, num_inference_steps=steps, guidance_scale=w,
                                                   output_type="pt"), args.batch)})
 
-    if args.compile:
-        pipe.scheduler = type(base_scheduler).from_config(base)
-        for name, p_, call in (("cgan", gan, lambda: gan(labels, output_type="pt")),
-                               ("ddpm", pipe, lambda: pipe(labels, output_type="pt"))):
-            default = "one forward pass" if name == "cgan" else (f"{type(pipe.scheduler).__name__} default "
-                                                                 f"{pipe.config.default_steps}")
-            eager = time_call(call, args.batch)
-            mode, _ = compile_sampler(p_)
-            rows.append({"model": name, "sampler": f"{default}, eager", "steps": None, "guidance": None, **eager})
-            rows.append({"model": name, "sampler": f"{default}, compiled {mode}", "steps": None, "guidance": None,
-                         **time_call(call, args.batch)})
+    if args.compile:  # each pipeline's own default sampler, eager and then compiled as `eval.py --compile` does
+        pipe.scheduler = base_scheduler
+        default = f"{type(base_scheduler).__name__} default {pipe.config.default_steps}"
+        for name, sampler, model in (("cgan", "one forward pass", gan), ("ddpm", default, pipe)):
+            eager = time_call(lambda: model(labels, output_type="pt"), args.batch)
+            mode, _ = compile_sampler(model)
+            rows.append({"model": name, "sampler": f"{sampler}, eager", "steps": None, "guidance": None, **eager})
+            rows.append({"model": name, "sampler": f"{sampler}, compiled {mode}", "steps": None, "guidance": None,
+                         **time_call(lambda: model(labels, output_type="pt"), args.batch)})
 
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(machine_line(f"batch {args.batch}"))

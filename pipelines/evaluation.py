@@ -70,10 +70,10 @@ def sampler_used(pipe, call_kwargs: dict) -> dict:
 def compile_sampler(pipe) -> tuple[str, Optional[str]]:
     """The pipeline's network compiled in place for sampling at a fixed batch: on a CUDA device each sampling
     step replays a CUDA graph (mode reduce-overhead); elsewhere plain compilation. Returns the mode and, where it
-    is not reduce-overhead, why (`run.compile_mode`)."""
+    is not reduce-overhead, why."""
     from .run import compile_mode
 
-    mode, why = compile_mode("reduce-overhead", pipe.device)
+    mode, why = compile_mode("reduce-overhead", pipe.device, option="--compile: mode")
     (pipe.unet if is_diffusion(pipe) else pipe.model).compile(mode=mode)
     return mode, why
 
@@ -208,7 +208,7 @@ def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, fe
     if compile:
         compiled, why = compile_sampler(pipe)
         if why and (accelerator is None or accelerator.is_main_process):
-            print(why.replace("train.compile_mode", "--compile: mode"), flush=True)
+            print(why, flush=True)
     extractor, extractor_info = make_extractor(features, classifier, data_cfg, device)
     real = load_tensors(replace(data_cfg, split=ref_split, limit=None))
     train_split = load_tensors(replace(data_cfg, split="train", limit=None)) if ref_split == "test" else None

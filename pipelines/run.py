@@ -69,15 +69,15 @@ def start_run(accelerator: Accelerator, cfg: Any, output_dir: Path, data: Any = 
     save_config(cfg, path, extra={"dataset": dataset} if dataset else None)
 
 
-def compile_mode(mode: str, device: torch.device) -> tuple[str, Optional[str]]:
-    """The torch.compile mode to use for `train.compile_mode` on `device`, and why it differs, if it does.
+def compile_mode(mode: str, device: torch.device, option: str = "train.compile_mode") -> tuple[str, Optional[str]]:
+    """The torch.compile mode to use for `mode` on `device`, and why it differs (naming `option`), if it does.
 
     CUDA graphs exist on CUDA devices only: elsewhere the modes that capture them fall back to the same
     compilation without them, rather than to a silent no-op of torch's."""
     if device.type == "cuda" or mode in ("default", "max-autotune-no-cudagraphs"):
         return mode, None
     fallback = "default" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
-    return fallback, (f"train.compile_mode={mode}: CUDA graphs need a CUDA device, this run is on {device.type}; "
+    return fallback, (f"{option}={mode}: CUDA graphs need a CUDA device, this run is on {device.type}; "
                       f"compiling with mode={fallback} instead")
 
 

@@ -33,18 +33,18 @@ def pack(src: Path, tar_path: Path, max_mib: float = 16.0) -> int:
     """Write `tar_path` (the folder's name as its top entry) atomically; returns its size in bytes."""
     if not (src / "model_index.json").is_file():
         raise SystemExit(f"{src}: not an exported pipeline (no model_index.json)")
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = tar_path.with_name(tar_path.name + ".partial")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / src.name
         half_folder(src, folder)
-        partial = Path(tmp) / "export.tar"
         with tarfile.open(partial, "w") as tar:
             tar.add(folder, arcname=src.name)
-        size = partial.stat().st_size
-        if size > max_mib * 2**20:
-            raise SystemExit(f"{src}: {size / 2**20:.1f} MiB in fp16, over --max-mib {max_mib}")
-        tar_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(partial, f"{tar_path}.partial")
-        os.replace(f"{tar_path}.partial", tar_path)
+    size = partial.stat().st_size
+    if size > max_mib * 2**20:
+        partial.unlink()
+        raise SystemExit(f"{src}: {size / 2**20:.1f} MiB in fp16, over --max-mib {max_mib}")
+    os.replace(partial, tar_path)
     return size
 
 
