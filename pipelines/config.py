@@ -178,6 +178,7 @@ class CGANModelConfig:
     bn_momentum: float = 0.1  # PyTorch convention (Keras momentum 0.8 is PyTorch 0.2)
     bn_eps: float = 1e-5  # configs/cgan/notes_e.yaml uses 0.8: its source wrote BatchNorm2d(64, 0.8), which sets eps
     noise: Literal["normal", "uniform"] = "normal"  # uniform draws from [-1, 1]
+    hierarchical_z: bool = False  # resnet: a chunk of z beside the class embedding in each block's BatchNorms
     # D's normalisation and conditioning; null: the architecture's own (batch and label_map for the seeds'
     # nets, spectral and projection for resnet, the only ones it has)
     d_norm: Optional[Literal["batch", "spectral"]] = None  # spectral norm stabilises D (Miyato et al., 2018)
@@ -194,6 +195,12 @@ class CGANModelConfig:
         if self.bn_eps <= 0:
             raise ConfigError(f"model.bn_eps={self.bn_eps}: must be positive")
         _image_shape_options(self)
+        if self.hierarchical_z and self.arch != "resnet":
+            raise ConfigError(f"model.hierarchical_z=true feeds z to the conditional BatchNorms of model.arch=resnet; "
+                              f"model.arch={self.arch} has none")
+        if self.hierarchical_z and self.latent_dim < 3:
+            raise ConfigError(f"model.hierarchical_z=true splits z into 3 chunks: model.latent_dim={self.latent_dim} "
+                              "must be at least 3")
         norm, conditioning = self.discriminator()
         if self.arch == "resnet" and (norm, conditioning) != ("spectral", "projection"):
             raise ConfigError(f"model.arch=resnet has a spectral-norm projection discriminator only: "

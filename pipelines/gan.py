@@ -36,7 +36,7 @@ def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
                           f"{image_size} (data.pad_to can fix that)")
     shared = dict(arch=m.arch, num_classes=num_classes, label_emb_dim=m.label_emb_dim, base_channels=m.base_channels,
                   bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, image_size=image_size, channels=channels)
-    generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, **shared)
+    generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, hierarchical_z=m.hierarchical_z, **shared)
     norm, conditioning = m.discriminator()
     discriminator = CGANDiscriminator(norm=norm, conditioning=conditioning, class_std=m.d_class_std, **shared)
     return generator, discriminator

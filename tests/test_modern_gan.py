@@ -131,6 +131,43 @@ def test_resnet_interpolations_run():
     assert class_interpolation(g, 10, 4, seed=0).shape == (40, 1, 28, 28)
 
 
+def test_hierarchical_z_gives_each_block_its_own_chunk_of_z_beside_the_class(tmp_path):
+    torch.manual_seed(0)
+    g = CGANGenerator(arch="resnet", base_channels=8, latent_dim=16, label_emb_dim=8, hierarchical_z=True).eval()
+    assert g.z_split == [6, 5, 5]  # latent_dim // 3 to each block, the rest to the input
+    for module in g.modules():
+        if isinstance(module, ConditionalBatchNorm):
+            torch.nn.init.normal_(module.gain.weight, std=0.5)
+    seen = []
+    for block in g.blocks:
+        block.bn1.register_forward_hook(lambda module, args, out: seen.append(args[1]))
+    z, labels = g.sample_noise(3), torch.tensor([0, 3, 9])
+    images = g(z, labels)
+    emb = g.label_emb(labels)
+    torch.testing.assert_close(seen[0], torch.cat([emb, z[:, 6:11]], 1), rtol=0, atol=0)
+    torch.testing.assert_close(seen[1], torch.cat([emb, z[:, 11:]], 1), rtol=0, atol=0)
+    late = z.clone()
+    late[:, 11:] = torch.randn(3, 5)  # only the last block's chunk: the images change
+    assert not torch.allclose(g(late, labels), images, atol=1e-4)
+    g.save_pretrained(tmp_path / "g")
+    loaded = CGANGenerator.from_pretrained(tmp_path / "g").eval()
+    assert loaded.config.hierarchical_z and loaded.z_split == [6, 5, 5]
+    torch.testing.assert_close(loaded(z, labels), images, rtol=0, atol=0)
+    assert class_interpolation(g, 10, 2, seed=0).shape == (20, 1, 28, 28)
+
+
+def test_hierarchical_z_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="arch='transposed_conv' has none"):
+        CGANGenerator(arch="transposed_conv", hierarchical_z=True)
+    with pytest.raises(ConfigError, match="model.arch=upsample_conv has none"):
+        load_config(CGANConfig, None, ["model.arch=upsample_conv", "model.hierarchical_z=true"])
+    with pytest.raises(ConfigError, match="model.latent_dim=2 must be at least 3"):
+        load_config(CGANConfig, None, ["model.arch=resnet", "model.hierarchical_z=true", "model.latent_dim=2"])
+    cfg = load_config(CGANConfig, None, ["model.arch=resnet", "model.hierarchical_z=true", "model.latent_dim=64"])
+    g, _ = build_cgan(cfg, num_classes=10, channels=1, image_size=28)
+    assert g.z_split == [22, 21, 21]
+
+
 # ----- DiffAugment -----
 
 def test_translation_shifts_each_image_by_at_most_the_ratio_and_fills_zeros():

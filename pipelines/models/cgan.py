@@ -37,7 +37,8 @@ class CGANGenerator(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, arch: str = "transposed_conv", num_classes: int = 10, latent_dim: int = 100,
                  label_emb_dim: int = 50, base_channels: int = 64, bn_momentum: float = 0.1,
-                 bn_eps: float = 1e-5, image_size: int = 28, channels: int = 1, noise: str = "normal"):
+                 bn_eps: float = 1e-5, image_size: int = 28, channels: int = 1, noise: str = "normal",
+                 hierarchical_z: bool = False):
         super().__init__()
         if arch in OLD_ARCH_NAMES:  # an old export: same network, saved again under the current name
             arch = OLD_ARCH_NAMES[arch]
@@ -45,6 +46,12 @@ class CGANGenerator(ModelMixin, ConfigMixin):
         s = _check(arch, image_size)
         if noise not in ("normal", "uniform"):
             raise ValueError(f"noise={noise!r}: valid choices are normal, uniform")
+        if hierarchical_z and arch != "resnet":
+            raise ValueError(f"hierarchical_z feeds z to the conditional BatchNorms of arch=resnet; "
+                             f"arch={arch!r} has none")
+        if hierarchical_z and latent_dim < 3:
+            raise ValueError(f"hierarchical_z splits z into 3 chunks (the input and each block): "
+                             f"latent_dim={latent_dim} must be at least 3")
         wide, narrow = 2 * base_channels, base_channels
         self.label_emb = nn.Embedding(num_classes, label_emb_dim)
         bn = dict(momentum=bn_momentum, eps=bn_eps)
@@ -56,9 +63,14 @@ class CGANGenerator(ModelMixin, ConfigMixin):
                 nn.ConvTranspose2d(narrow, channels, 4, 2, 1), nn.Tanh(),
             )
         elif arch == "resnet":
-            self.fc = nn.Linear(latent_dim + label_emb_dim, wide * s * s)
-            self.blocks = nn.ModuleList([GeneratorBlock(wide, wide, label_emb_dim, **bn),
-                                         GeneratorBlock(wide, narrow, label_emb_dim, **bn)])
+            # hierarchical_z (BigGAN's skip-z): one chunk of z to the input, one to each block's conditional
+            # BatchNorms beside the class embedding, so the noise sets scales and shifts at every resolution
+            # instead of only the first layer's input, which a class-driven generator learns to ignore.
+            chunk = latent_dim // 3 if hierarchical_z else 0
+            self.z_split = [latent_dim - 2 * chunk, chunk, chunk]
+            self.fc = nn.Linear(self.z_split[0] + label_emb_dim, wide * s * s)
+            self.blocks = nn.ModuleList([GeneratorBlock(wide, wide, label_emb_dim + chunk, **bn),
+                                         GeneratorBlock(wide, narrow, label_emb_dim + chunk, **bn)])
             self.net = nn.Sequential(nn.BatchNorm2d(narrow, **bn), nn.ReLU(), nn.Conv2d(narrow, channels, 3, 1, 1),
                                      nn.Tanh())
         else:
@@ -92,10 +104,12 @@ class CGANGenerator(ModelMixin, ConfigMixin):
         """Images for labels, or for label embeddings given directly (class interpolation)."""
         if label_embeddings is None:
             label_embeddings = self.label_emb(labels)
-        h = self.fc(torch.cat([z, label_embeddings], dim=1)).view(-1, *self.start)
-        if self.config.arch == "resnet":
-            for block in self.blocks:
-                h = block(h, label_embeddings)
+        if self.config.arch != "resnet":
+            return self.net(self.fc(torch.cat([z, label_embeddings], dim=1)).view(-1, *self.start))
+        z_input, *z_blocks = torch.split(z, self.z_split, dim=1)
+        h = self.fc(torch.cat([z_input, label_embeddings], dim=1)).view(-1, *self.start)
+        for block, z_block in zip(self.blocks, z_blocks):
+            h = block(h, torch.cat([label_embeddings, z_block], dim=1) if z_block.shape[1] else label_embeddings)
         return self.net(h)
 
 
