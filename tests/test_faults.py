@@ -165,6 +165,7 @@ def launch_two(tmp_path, out, *script):
                   [*script, f"output_dir={out}", "log.wandb=disabled", *TWO])
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_sigterm_to_one_of_two_processes_writes_the_only_checkpoint_and_both_resume_from_it(tmp_path):
     """Preemption reaching one rank: the ranks agree at the next step, save together, and exit 143."""
     reference = tmp_path / "reference"
@@ -190,6 +191,7 @@ def test_sigterm_to_one_of_two_processes_writes_the_only_checkpoint_and_both_res
     assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(reference / "pipeline"))
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank_without_a_hang(tmp_path):
     """Rank 1 alone sees a NaN loss at step 3: both ranks skip that update (decided on the device), nobody
     waits alone in the gradient all-reduce, and the weights stay identical on both ranks."""
@@ -207,6 +209,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_without_a_hang(tmp_path)
     assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in weights)
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_two_processes_print_their_scaling_use_the_process_group_timeout_and_scale_lr(tmp_path):
     out = tmp_path / "run"
     result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
@@ -476,6 +479,7 @@ def test_time_based_checkpoints_come_between_step_intervals(tmp_path):
     assert [int(p.name.split("_")[1]) for p in list_checkpoints(out)] == list(range(1, 9))
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_two_processes_agree_on_time_based_checkpoints(tmp_path):
     """Each process's clock fires at its own time; saving is collective, so they act together at log steps."""
     out = tmp_path / "two"
@@ -564,6 +568,7 @@ def test_launcher_files_are_valid_accelerate_configs(path):
     assert (cfg.num_machines > 1) == (path.stem == "multi_node")
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_multi_gpu_bf16_launcher_file_runs_two_processes_here(tmp_path):
     """The same file on this GPU-less machine: two gloo processes with bf16 autocast."""
     out = tmp_path / "run"

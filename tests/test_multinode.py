@@ -175,6 +175,7 @@ sys.exit(pipelines.commands.train_cgan(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_a_checkpoint_waits_for_the_rng_file_of_a_late_machine(tmp_path):
     """Every process writes its own RNG state into the checkpoint's temporary folder; the main process
     must not complete and rename that folder before the slowest one has (the file would be missing, or

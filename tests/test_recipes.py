@@ -63,7 +63,7 @@ def cifar10_copy(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=f"{p.parent.name}/{p.stem}",
-                                               marks=[pytest.mark.slow] if p.parent.name == "ddpm" else [])
+                                               marks=[] if p.stem == "cifar10_resnet" else [pytest.mark.slow])
                                   for p in CIFAR10_RECIPES])
 def test_cifar10_recipe_starts_and_finishes_two_steps(path, cifar10_copy, tmp_path, monkeypatch):
     """The recipe as shipped, on data of CIFAR-10's schema: the data loads, a classifier is made for its

@@ -153,6 +153,7 @@ def resumes_without_training_again(cluster, name: str, out: Path, steps: int, pr
     assert not any("requeue" in call for call in cluster.calls())
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_one_node_script_trains_with_accelerate_and_a_second_start_continues(cluster, tmp_path):
     cluster.env.update({"SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node01", "GPUS_PER_NODE": "2"})
     del cluster.env["MIXED_PRECISION"]  # the default: bf16 (autocast runs on the CPU too)

@@ -160,6 +160,7 @@ def test_sweep_end_to_end_skips_finished_and_resumes_interrupted(tmp_path, class
     assert_same_tensors(load_safetensors_dir(bce / "pipeline"), before)
 
 
+@pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_experiment_cgan_vs_ddpm_end_to_end(tmp_path, classifier_dir):
     common = ["train.epochs=2", "eval.every_epochs=1", "eval.num_per_class=4", f"eval.classifier={classifier_dir}",
               "log.wandb=disabled"]
