@@ -250,8 +250,18 @@ class GANOptimConfig:
     lr_d: Optional[float] = None
     betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's beta1=0.5 keeps the adversarial game from oscillating
     scale_lr: bool = False  # multiply the rates by processes x accumulation (linear scaling in the global batch)
+    # linear: both rates fall linearly to 0 from `decay_start` (a share of the run's steps) to the last step,
+    # as SNGAN's reference trainers do; constant keeps them where they start.
+    schedule: Literal["constant", "linear"] = "constant"
+    decay_start: float = 0.0
 
     def validate(self) -> None:
+        if not 0.0 <= self.decay_start < 1.0:
+            raise ConfigError(f"optim.decay_start={self.decay_start}: the share of the steps before the rates "
+                              "start to fall, in [0, 1)")
+        if self.decay_start and self.schedule == "constant":
+            raise ConfigError(f"optim.decay_start={self.decay_start} needs optim.schedule=linear "
+                              "(optim.schedule=constant keeps the rates fixed)")
         for key in ("lr_g", "lr_d"):
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -54,6 +54,22 @@ def make_optimizers(cfg: CGANConfig, generator: torch.nn.Module, discriminator: 
     return opt_g, opt_d
 
 
+def make_lr_schedules(cfg: CGANConfig, optimizers: Sequence[torch.optim.Optimizer], total_steps: int,
+                      num_processes: int) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    """`optim.schedule=linear` for each optimizer, counted as accelerate steps it: once per process a step.
+
+    No schedule for constant rates: their checkpoints hold none and stay those of earlier versions."""
+    if cfg.optim.schedule == "constant":
+        return []
+    total = max(total_steps * num_processes, 1)
+    start = int(cfg.optim.decay_start * total)
+
+    def factor(count: int) -> float:
+        return 1.0 if count < start else max(total - count, 0) / (total - start)
+
+    return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+
+
 def paired_labels(labels: torch.Tensor) -> torch.Tensor:
     """The batch's labels with the second half copied from the first, so fakes i and i + B/2 share a class.
 
@@ -179,8 +195,9 @@ class CGAN:
         generator, discriminator = build_cgan(cfg, run.data.num_classes, channels, size)
         apply_speed_options(cfg, acc, generator, discriminator)
         opt_g, opt_d = make_optimizers(cfg, generator, discriminator, run.device, run.lr_scale)
-        self.generator, self.discriminator, self.opt_g, self.opt_d = acc.prepare(generator, discriminator,
-                                                                                 opt_g, opt_d)
+        schedules = make_lr_schedules(cfg, (opt_g, opt_d), run.total_steps, acc.num_processes)
+        (self.generator, self.discriminator, self.opt_g, self.opt_d,
+         *self.lr_schedules) = acc.prepare(generator, discriminator, opt_g, opt_d, *schedules)
         self.model = acc.unwrap_model(self.generator)
         self.ema = make_ema(self.model, cfg.train.ema_decay, run.device, cfg.train.ema_start_step)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, acc)
@@ -197,13 +214,18 @@ class CGAN:
 
     def train_step(self, step: int, micro_batches: list, measure_grads: bool) -> dict[str, torch.Tensor]:
         [(real, labels)] = micro_batches  # one batch per step: the cGAN does not accumulate
-        return self.step(step, real, labels, measure_grads=measure_grads)
+        metrics = self.step(step, real, labels, measure_grads=measure_grads)
+        for schedule in self.lr_schedules:
+            schedule.step()
+        return metrics
 
     def scalars(self) -> dict[str, float]:
         return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
 
     def peak_rates(self) -> dict[str, float]:
-        return self.scalars()  # constant rates
+        # the schedule's start (its base rate), whatever step a resumed run is at
+        return {name: opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])
+                for name, opt in (("lr_g", self.opt_g), ("lr_d", self.opt_d))}
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
         return {}

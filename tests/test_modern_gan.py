@@ -13,7 +13,7 @@ from pipelines import CGANDiscriminator, CGANGenerator, CGANPipeline
 from pipelines.augment import check_policy, color, cutout, diff_augment, translation
 from pipelines.config import CGANConfig, ConfigError, load_config
 from pipelines.ema import ema_step, make_ema
-from pipelines.gan import GANStep, build_cgan, class_interpolation, latent_interpolation
+from pipelines.gan import GANStep, build_cgan, class_interpolation, latent_interpolation, make_lr_schedules
 from pipelines.losses import gan_loss, r1_penalty
 from pipelines.loop import NonFiniteGuard
 from pipelines.models.cgan import ConditionalBatchNorm
@@ -22,7 +22,7 @@ from trainer_utils import assert_same_state, assert_same_tensors, checkpoint_sta
 MODERN = ["data.name=synthetic", "data.synthetic_size=256", "model.arch=resnet", "model.base_channels=8",
           "model.latent_dim=16", "model.label_emb_dim=8", "train.batch_size=32", "train.epochs=2", "log.every_steps=4",
           "loss.name=hinge", "loss.diffaugment=[color,translation,cutout]", "loss.r1_gamma=1.0", "loss.r1_every=4",
-          "train.ema_decay=0.9", "train.ema_start_step=3"]
+          "train.ema_decay=0.9", "train.ema_start_step=3", "optim.schedule=linear", "optim.decay_start=0.5"]
 
 
 def resnet_pair(size=28, channels=1, base=8):
@@ -350,6 +350,34 @@ def test_ema_equals_the_weights_until_its_start_step_then_averages():
         load_config(CGANConfig, None, ["train.ema_start_step=-1"])
 
 
+# ----- learning-rate schedule -----
+
+def test_linear_schedule_holds_the_rates_then_brings_them_to_zero_at_the_last_step():
+    cfg = load_config(CGANConfig, None, ["optim.schedule=linear", "optim.decay_start=0.5"])
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    for processes in (1, 2):
+        opt = torch.optim.Adam(params, lr=1e-3)
+        [schedule] = make_lr_schedules(cfg, [opt], total_steps=8, num_processes=processes)
+        rates = []
+        for _ in range(8):
+            rates.append(opt.param_groups[0]["lr"])
+            for _ in range(processes):  # accelerate steps a prepared schedule once per process each step
+                schedule.step()
+        assert rates == pytest.approx([1e-3] * 5 + [7.5e-4, 5e-4, 2.5e-4]), processes
+        assert opt.param_groups[0]["lr"] == 0.0
+    constant = load_config(CGANConfig, None, [])
+    assert make_lr_schedules(constant, [torch.optim.Adam(params)], total_steps=8, num_processes=1) == []
+
+
+def test_schedule_options_are_checked():
+    with pytest.raises(ConfigError, match=r"optim.decay_start=1.0: the share of the steps .* in \[0, 1\)"):
+        load_config(CGANConfig, None, ["optim.schedule=linear", "optim.decay_start=1.0"])
+    with pytest.raises(ConfigError, match="optim.decay_start=0.5 needs optim.schedule=linear"):
+        load_config(CGANConfig, None, ["optim.decay_start=0.5"])
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config(CGANConfig, None, ["optim.schedule=cosine"])
+
+
 # ----- end to end -----
 
 @pytest.fixture(scope="module")
@@ -364,6 +392,10 @@ def test_modern_run_trains_logs_r1_and_exports(modern_run):
 
     records = [json.loads(line) for line in (modern_run / "stats.jsonl").read_text().splitlines()]
     assert all("r1" in r for r in records)  # every log window of 4 steps holds one R1 step
+    # the linear schedule of 16 steps from the middle: full rate to step 8, then down to 0 at step 16
+    assert [r["step"] for r in records] == [4, 8, 12, 16]
+    for key in ("lr_g", "lr_d"):
+        assert [r[key] for r in records] == pytest.approx([2e-4, 2e-4, 1e-4, 0.0]), key
     pipe = CGANPipeline.from_pretrained(modern_run / "pipeline")
     assert pipe.model.config.arch == "resnet"
     assert pipe(list(range(10)), generator=torch.Generator().manual_seed(0), output_type="pt").images.shape == (
