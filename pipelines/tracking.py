@@ -262,6 +262,31 @@ def log_comparison(runs: list[Path], rows: list[dict], grids: Path, mode: str, f
     return run.id
 
 
+def drop_stats_after(output_dir: Path, step: int) -> None:
+    """Keep only `stats.jsonl`'s records up to `step`, the checkpoint a run resumes from.
+
+    A run killed after its last checkpoint logged steps it will now run again: without this their
+    records would be there twice, the second time from the resumed run. A line cut short by the kill is
+    dropped too. Rewritten through a temporary file, so a kill here leaves the old file.
+    """
+    path = output_dir / "stats.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(".stats.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
 def write_stats(output_dir: Path, record: dict) -> None:
     """Append one JSON line to `stats.jsonl` (the run's own log, readable without W&B)."""
     with open(output_dir / "stats.jsonl", "a") as f:

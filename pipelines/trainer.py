@@ -22,7 +22,7 @@ from .loop import NonFiniteGuard, Upkeep, progress, steps_from
 from .model_card import GRID_FILE, TRAINING_FILE, write_model_card
 from .publish import check_can_push, push_run
 from .run import Run, start_run, uses_cuda_graphs
-from .tracking import log_export
+from .tracking import drop_stats_after, log_export
 from .typed_yaml import to_dict
 
 
@@ -133,6 +133,8 @@ def resume(run: Run, family: Family, resume_from: Optional[str]) -> int:
     if family.ema is not None:
         load_ema_state(family.ema, extra)
     family.restore(extra, checkpoint)
+    if run.accelerator.is_main_process:
+        drop_stats_after(run.out, step)  # the steps after the checkpoint run again and log again
     run.accelerator.print(f"resumed from {checkpoint} at step {step}")
     return step
 

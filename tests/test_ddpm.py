@@ -19,8 +19,8 @@ from pipelines.models.unet import build_unet
 from pipelines.plots import denoising_strip
 from pipelines.checkpoints import list_checkpoints
 from trainer_utils import (
-    ROOT, assert_same_state, assert_same_tensors, checkpoint_state, launch, load_safetensors_dir, logged_steps,
-    run_script,
+    ROOT, assert_same_state, assert_same_tensors, checkpoint_state, file_stamp, launch, load_safetensors_dir,
+    logged_steps, run_script,
 )
 
 TINY = ["data.name=synthetic", "data.synthetic_size=256", "model.block_out_channels=[8,16]",
@@ -243,9 +243,12 @@ def test_resume_equals_uninterrupted_ema_included(finished_run, tmp_path):
     shutil.copytree(finished_run, resumed)
     shutil.rmtree(resumed / "pipeline")
     shutil.rmtree(resumed / "checkpoints" / "step_000000016")
-    logged = len(logged_steps(resumed))
+    kept = file_stamp(resumed / "checkpoints" / "step_000000008" / "training_state.json")
     assert run_script("train_ddpm", DDPMConfig, resumed, TINY, "--resume", "latest") == 0
-    assert logged_steps(resumed)[logged:] == [12, 16]  # continued from step 8, ran steps 9-16 (logged every 4)
+    # Continued from step 8 (its checkpoint untouched, not rewritten by a run from the start) and logged steps
+    # 9-16 once: the records the first run logged after step 8 are replaced, so the log is the uninterrupted one.
+    assert file_stamp(resumed / "checkpoints" / "step_000000008" / "training_state.json") == kept
+    assert (resumed / "stats.jsonl").read_text() == (finished_run / "stats.jsonl").read_text()
     # The exported U-Net holds the EMA weights, so equality covers the EMA as well as the live weights.
     assert_same_tensors(load_safetensors_dir(resumed / "pipeline"), load_safetensors_dir(finished_run / "pipeline"))
     # The U-Net, AdamW, the LR schedule, the EMA, the noise generator and the RNG state.

@@ -21,7 +21,7 @@ from test_cgan import TINY
 from test_ddpm import TINY as DDPM_TINY
 from trainer_utils import (
     ROOT, assert_same_state, assert_same_tensors, checkpoint_state, final_checkpoint, free_port, launch,
-    load_safetensors_dir, logged_steps, run_script,
+    file_stamp, load_safetensors_dir, logged_steps, run_script,
 )
 
 # Long enough to be interrupted: the cGAN 4 epochs of 8 steps, the DDPM 2 of 8, a checkpoint every 4 steps.
@@ -80,9 +80,12 @@ def resume_and_compare(family, out, reference_out, *extra):
     script, cls, overrides, total = FAMILIES[family]
     done = list_checkpoints(out)
     start = json.loads((done[-1] / "training_state.json").read_text())["step"] if done else 0
-    logged_before = len(logged_steps(out)) if (out / "stats.jsonl").exists() else 0
+    kept = file_stamp(done[-1] / "training_state.json") if done else None
     assert run_script(script, cls, out, overrides, *extra, "--resume", "latest") == 0
-    assert logged_steps(out)[logged_before:] == list(range(start + 1, total + 1)), f"resumed from step {start}"
+    # The newest checkpoint is untouched (a run from an earlier one, or from the start, rewrites it) and every
+    # step is logged once: the records of steps after the checkpoint, logged before the fault, are replaced.
+    assert not done or file_stamp(done[-1] / "training_state.json") == kept, f"not resumed from step {start}"
+    assert logged_steps(out) == list(range(1, total + 1)), f"resumed from step {start}"
     assert_same_state(checkpoint_state(final_checkpoint(out)), checkpoint_state(final_checkpoint(reference_out)))
     assert_same_tensors(load_safetensors_dir(out / "pipeline"), load_safetensors_dir(reference_out / "pipeline"))
     return start

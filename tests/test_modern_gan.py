@@ -408,7 +408,11 @@ def test_modern_run_resumed_mid_run_equals_uninterrupted(modern_run, tmp_path):
     shutil.copytree(modern_run, resumed)
     shutil.rmtree(resumed / "pipeline")
     shutil.rmtree(resumed / "checkpoints" / "step_000000016")
+    with open(resumed / "stats.jsonl", "a") as f:
+        f.write('{"step": 16, "loss_d": 1.')  # a line cut short by a kill
     assert run_script("train_cgan", CGANConfig, resumed, MODERN, "--resume", "latest") == 0
     assert_same_tensors(load_safetensors_dir(resumed / "pipeline"), load_safetensors_dir(modern_run / "pipeline"))
+    # the records of steps 9-16 logged before the interruption are replaced by the resumed run's, not repeated
+    assert (resumed / "stats.jsonl").read_text() == (modern_run / "stats.jsonl").read_text()
     assert_same_state(checkpoint_state(resumed / "checkpoints" / "step_000000016"),
                       checkpoint_state(modern_run / "checkpoints" / "step_000000016"))

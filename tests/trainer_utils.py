@@ -83,6 +83,12 @@ def logged_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "stats.jsonl").read_text().splitlines()]
 
 
+def file_stamp(path: Path) -> tuple[int, int]:
+    """Inode and modification time: a file rewritten (or replaced by a rename) gets a new one."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def free_port() -> int:
     import socket
 
