@@ -117,6 +117,13 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[st
         except Exception as err:
             raise RunDirError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}: {err}); the "
                               "checkpoint may be corrupt: remove it to resume from the one before") from None
+    # accelerate writes one scheduler*.bin per prepared LR schedule; one written without (the cGAN's constant
+    # rates) cannot give a schedule its state, and accelerate's own error would read like a damaged checkpoint.
+    schedule_files = [name for name in contents if name.startswith("scheduler")]
+    if len(schedule_files) < len(accelerator._schedulers):
+        raise RunDirError(f"checkpoint {path} holds {len(schedule_files)} LR schedule(s) but this run has "
+                          f"{len(accelerator._schedulers)}: it was written with other learning-rate settings "
+                          "(for the cGAN, optim.schedule=constant); resume with the settings it was trained with")
     try:
         accelerator.load_state(str(path))
     except Exception as err:

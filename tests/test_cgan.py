@@ -263,6 +263,17 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted(finished_run, tmp_p
                       checkpoint_state(finished_run / "checkpoints" / "step_000000016"))
 
 
+def test_a_constant_rate_checkpoint_resumed_with_a_schedule_says_so_and_is_kept(finished_run, tmp_path, capsys):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(finished_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000000016")
+    overrides = TINY + ["train.ema_decay=0.9", "optim.schedule=linear", "optim.decay_start=0.5"]
+    assert run_script("train_cgan", CGANConfig, resumed, overrides, "--resume", "latest") != 0
+    err = capsys.readouterr().err
+    assert "holds 0 LR schedule(s) but this run has 2" in err and "optim.schedule=constant" in err, err
+    assert "corrupt" not in err and (resumed / "checkpoints" / "step_000000008" / "training_state.json").is_file()
+
+
 def test_existing_run_dir_is_not_overwritten_without_asking(finished_run, capsys):
     before = (finished_run / "stats.jsonl").read_text()
     assert run_script("train_cgan", CGANConfig, finished_run, TINY) == 2
