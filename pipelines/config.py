@@ -175,6 +175,7 @@ class CGANModelConfig:
     latent_dim: int = 100
     label_emb_dim: int = 50
     base_channels: int = 64  # G: 2*base -> base -> image; D: base -> 2*base
+    d_base_channels: Optional[int] = None  # D's own width; None: base_channels
     bn_momentum: float = 0.1  # PyTorch convention (Keras momentum 0.8 is PyTorch 0.2)
     bn_eps: float = 1e-5  # configs/cgan/notes_e.yaml uses 0.8: its source wrote BatchNorm2d(64, 0.8), which sets eps
     noise: Literal["normal", "uniform"] = "normal"  # uniform draws from [-1, 1]
@@ -190,6 +191,9 @@ class CGANModelConfig:
     def validate(self) -> None:
         for key in ("latent_dim", "label_emb_dim", "base_channels"):
             check_positive(self, key, "model")
+        if self.d_base_channels is not None and self.d_base_channels <= 0:
+            raise ConfigError(f"model.d_base_channels={self.d_base_channels}: must be positive or null "
+                              "(null: model.base_channels)")
         if not 0.0 < self.bn_momentum <= 1.0:
             raise ConfigError(f"model.bn_momentum={self.bn_momentum}: must be in (0, 1]")
         if self.bn_eps <= 0:

@@ -34,11 +34,13 @@ def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
     if image_size % 4:
         raise ConfigError(f"the cGANs up-sample twice, so the image size must be a multiple of 4; the data gives "
                           f"{image_size} (data.pad_to can fix that)")
-    shared = dict(arch=m.arch, num_classes=num_classes, label_emb_dim=m.label_emb_dim, base_channels=m.base_channels,
-                  bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, image_size=image_size, channels=channels)
-    generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, hierarchical_z=m.hierarchical_z, **shared)
+    shared = dict(arch=m.arch, num_classes=num_classes, label_emb_dim=m.label_emb_dim, bn_momentum=m.bn_momentum,
+                  bn_eps=m.bn_eps, image_size=image_size, channels=channels)
+    generator = CGANGenerator(latent_dim=m.latent_dim, noise=m.noise, hierarchical_z=m.hierarchical_z,
+                              base_channels=m.base_channels, **shared)
     norm, conditioning = m.discriminator()
-    discriminator = CGANDiscriminator(norm=norm, conditioning=conditioning, class_std=m.d_class_std, **shared)
+    discriminator = CGANDiscriminator(norm=norm, conditioning=conditioning, class_std=m.d_class_std,
+                                      base_channels=m.d_base_channels or m.base_channels, **shared)
     return generator, discriminator
 
 

@@ -106,6 +106,20 @@ def test_resnet_config_takes_its_discriminator_by_default_and_refuses_others():
         load_config(CGANConfig, None, ["model.arch=resnet", "model.d_norm=batch"])
 
 
+@pytest.mark.parametrize("arch", ["transposed_conv", "resnet"])
+def test_d_base_channels_widens_the_discriminator_only(arch):
+    overrides = [f"model.arch={arch}", "model.base_channels=8", "model.d_norm=spectral", "model.d_conditioning=projection"]
+    g, d = build_cgan(load_config(CGANConfig, None, overrides), num_classes=10, channels=1, image_size=28)
+    wide_g, wide_d = build_cgan(load_config(CGANConfig, None, [*overrides, "model.d_base_channels=24"]),
+                                num_classes=10, channels=1, image_size=28)
+    first_conv = [m for m in wide_d.modules() if isinstance(m, torch.nn.Conv2d)][0]
+    assert first_conv.out_channels == 24 and wide_d.projection.embedding_dim == d.projection.embedding_dim * 3
+    assert wide_g.config == g.config  # G keeps model.base_channels
+    assert wide_d(torch.randn(2, 1, 28, 28), torch.tensor([1, 2])).shape == (2,)
+    with pytest.raises(ConfigError, match="model.d_base_channels=0: must be positive or null"):
+        load_config(CGANConfig, None, ["model.d_base_channels=0"])
+
+
 def test_resnet_export_loads_in_a_new_process_with_the_same_images(tmp_path):
     import subprocess
     import sys
