@@ -396,7 +396,9 @@ class DiffusionConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     snr_gamma: Optional[float] = None  # min-SNR loss weighting (5.0 is the paper's choice); None: plain MSE
     label_dropout: float = 0.1  # classifier-free guidance: share of labels replaced by the null class; 0 turns it off
-    sample_steps: int = 10  # DDIM steps for the cheap training grids
+    # The sampler of the training grids, the in-training evaluation and the export's default (dpmsolver: DPM-Solver++)
+    sample_scheduler: Literal["ddim", "dpmsolver", "ddpm"] = "ddim"
+    sample_steps: int = 10  # sampling steps of the training grids, the evaluation and the export's default
     sample_guidance: float = 2.0
     # Guide only the steps with lo <= t / T <= hi (the rest use the conditional model alone);
     # None guides every step. Also the export's default.

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import diffusers
 import torch
 from accelerate import Accelerator
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from .checkpoints import generator_state, load_generator_state
 from .config import ConfigError, DDPMOptimConfig, DiffusionConfig
 from .ema import ema_step, make_ema
+from .exports import SCHEDULERS
 from .grids import save_grid
 from .losses import DiffusionObjective, ShardedDraw
 from .loop import FUSED_DEVICES, NonFiniteGuard
@@ -49,6 +51,11 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: DDPMOptimConfig, to
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total, 2))
     name = "cosine" if cfg.schedule == "cosine" else "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps * num_processes, num_training_steps=total)
+
+
+def sampling_scheduler(cfg: DiffusionConfig, noise_scheduler: DDPMScheduler):
+    """The configured sampler (`diffusion.sample_scheduler`) on the training noise schedule."""
+    return getattr(diffusers, SCHEDULERS[cfg.sample_scheduler]).from_config(noise_scheduler.config)
 
 
 def diffusion_objective(cfg: DiffusionConfig, noise_scheduler: DDPMScheduler, num_classes: int) -> DiffusionObjective:
@@ -133,7 +140,7 @@ class DDPM:
         self.sample_kwargs = dict(num_inference_steps=cfg.diffusion.sample_steps,
                                   guidance_scale=cfg.diffusion.sample_guidance if guidance else 1.0)
         self.pipeline = ClassConditionalDiffusionPipeline(
-            unet=self.model, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+            unet=self.model, scheduler=sampling_scheduler(cfg.diffusion, self.noise_scheduler),
             class_names=data.class_names, image_size=data.image_size, num_classes=data.num_classes,
             default_steps=cfg.diffusion.sample_steps, default_guidance=self.sample_kwargs["guidance_scale"],
             default_guidance_interval=cfg.diffusion.sample_guidance_interval)

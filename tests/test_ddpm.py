@@ -229,6 +229,7 @@ def test_short_run_lowers_the_loss_and_writes_everything(finished_run):
     pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.class_names[0] == "class_0" and pipe.unet.config.num_class_embeds == 11
     assert (pipe.config.default_steps, pipe.config.default_guidance) == (2, 2.0)  # the training grids' sampler
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # diffusion.sample_scheduler's default
 
 
 def test_same_seed_same_run(finished_run, tmp_path):
@@ -276,7 +277,8 @@ def test_a_checkpoint_without_the_noise_generator_still_resumes_and_says_so(fini
 
 @pytest.mark.parametrize("options", [
     ["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5.0", "diffusion.beta_schedule=squaredcos_cap_v2",
-     "optim.schedule=onecycle", "train.gradient_accumulation_steps=2", "diffusion.label_dropout=0"],
+     "optim.schedule=onecycle", "train.gradient_accumulation_steps=2", "diffusion.label_dropout=0",
+     "diffusion.sample_scheduler=dpmsolver"],
     ["data.pad_to=32", "optim.schedule=constant", "optim.max_grad_norm=null"],
 ], ids=["v-minsnr-cosine-onecycle-accum", "padded-constant-noclip"])
 def test_training_options_run(tmp_path, options):
@@ -285,6 +287,10 @@ def test_training_options_run(tmp_path, options):
     pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
     images = pipe([1], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 28, 28, 1)
+    # the configured sampler is the export's, on the training schedule (cosine here)
+    expected = "DPMSolverMultistepScheduler" if "diffusion.sample_scheduler=dpmsolver" in options else "DDIMScheduler"
+    assert type(pipe.scheduler).__name__ == expected
+    assert pipe.scheduler.config.beta_schedule == ("squaredcos_cap_v2" if expected != "DDIMScheduler" else "linear")
 
 
 def test_two_processes_of_batch_b_train_the_weights_one_process_of_batch_2b_trains(tmp_path):
