@@ -141,7 +141,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[st
 
 
 def _rng_restored(saved: Any) -> bool:
-    """Whether the process's Python, numpy and torch generators now hold the states in `saved`."""
+    """Whether the process's Python, numpy and torch generators (the CPU's, and an accelerator's where
+    the checkpoint holds one this machine has) now hold the states in `saved`."""
     import random
 
     import numpy as np
@@ -151,9 +152,24 @@ def _rng_restored(saved: Any) -> bool:
         return (random.getstate() == tuple(saved["random_state"])
                 and torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
                 and numpy_now[0] == numpy_saved[0] and np.array_equal(numpy_now[1], numpy_saved[1])
-                and tuple(numpy_now[2:]) == tuple(numpy_saved[2:]))
+                and tuple(numpy_now[2:]) == tuple(numpy_saved[2:])
+                and all(_device_rng_restored(key, value) for key, value in saved.items()
+                        if key.startswith("torch_") and key.endswith("_manual_seed") and key != "torch_manual_seed"))
     except (KeyError, TypeError, IndexError, ValueError):
         return False
+
+
+def _device_rng_restored(key: str, saved: Any) -> bool:
+    """An accelerator's generator (`torch_cuda_manual_seed`: one state, or one per device as accelerate saves
+    it), compared where that accelerator exists; a run resumed without it draws nothing from it."""
+    device_type = key[len("torch_"):-len("_manual_seed")]
+    module = getattr(torch, device_type, None)
+    if module is None or not module.is_available():
+        return True
+    if isinstance(saved, (list, tuple)):
+        now = module.get_rng_state_all()
+        return len(now) == len(saved) and all(torch.equal(a, b) for a, b in zip(now, saved))
+    return torch.equal(module.get_rng_state(), saved)
 
 
 def generator_state(generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ class DiffusionStep:
             # every process still runs its backward, so none waits alone in the gradient all-reduce.
             found = self.guard.check(loss)
             self.skip = found if self.skip is None else torch.maximum(self.skip, found)
-            acc.backward(loss)
+            acc.backward(self.guard.marked(loss, self.skip, self.optimizer))
             if acc.sync_gradients and self.max_grad_norm is not None:
                 metrics["grad_norm"] = acc.clip_grad_norm_(self.unet.parameters(), self.max_grad_norm)
             if acc.sync_gradients:
@@ -113,6 +113,7 @@ class DDPM:
     name = "ddpm"
     grid_per_class = 8
     progress_keys = ("loss",)
+    statistics = None  # GroupNorm only: nothing depends on the weights but the weights
 
     def __init__(self, run: Run):
         cfg, acc, data = run.cfg, run.accelerator, run.data

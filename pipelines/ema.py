@@ -1,9 +1,10 @@
-"""The EMA copy of a model's weights: made, saved as tensors, and swapped in for sampling and export in one place."""
+"""The EMA copy of a model's weights: made, saved as tensors, and swapped in for sampling and export in one place,
+with the BatchNorm statistics that belong to those weights."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -66,13 +67,55 @@ def ema_weights(ema, model: torch.nn.Module) -> Iterator[None]:
         ema.restore(model.parameters())
 
 
-@contextlib.contextmanager
-def inference_mode(model: torch.nn.Module, ema=None) -> Iterator[None]:
-    """Eval mode (BatchNorm running statistics) and the EMA weights, restored afterwards."""
-    was_training = model.training
-    model.eval()
+@torch.no_grad()
+def measure_batchnorm_statistics(model: torch.nn.Module, forward: Callable[[int], object], batches: int) -> None:
+    """BigGAN's standing statistics: every BatchNorm's running mean and variance measured again for the weights
+    `model` holds now, as the plain average over `batches` training-mode passes (`forward(i)` runs the i-th).
+
+    The running statistics of training are an average over the trained weights of the last steps; the EMA
+    weights are another network, whose activations have other means and variances."""
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches <= 0:
+        return
+    momenta, was_training = [m.momentum for m in norms], model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: each batch counts alike
+    model.train()
     try:
-        with ema_weights(ema, model):
+        for i in range(batches):
+            forward(i)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def kept_buffers(model: torch.nn.Module) -> Iterator[None]:
+    """The model's buffers (BatchNorm statistics) as they were on entry, put back on exit."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def inference_mode(model: torch.nn.Module, ema=None, statistics: Optional[Callable[[], None]] = None
+                   ) -> Iterator[None]:
+    """Eval mode and the EMA weights, restored afterwards. With an EMA, `statistics` (if given) then measures
+    what depends on those weights (`measure_batchnorm_statistics`), and the trained buffers come back after."""
+    was_training = model.training
+    refresh = ema is not None and statistics is not None
+    try:
+        with ema_weights(ema, model), (kept_buffers(model) if refresh else contextlib.nullcontext()):
+            if refresh:
+                statistics()
+            model.eval()
             yield
     finally:
         model.train(was_training)

@@ -240,6 +240,7 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor, class_names: list[s
     """One PNG per sample in a folder per class: what clean-fid's folder functions read."""
     from PIL import Image
 
+    images = images.cpu()  # one copy from the device, wherever the samples were drawn
     for i, (image, label) in enumerate(zip(images, labels.tolist())):
         target = folder / f"{label:02d}_{class_names[label].replace('/', '-').replace(' ', '_')}"
         target.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from .augment import diff_augment
 from .config import DEFAULT_GAN_LR, CGANConfig, ConfigError
-from .ema import ema_step, make_ema
+from .ema import ema_step, make_ema, measure_batchnorm_statistics
 from .grids import save_grid
 from .losses import GANLoss, gan_loss, gradient_penalty, mode_seeking_penalty, r1_penalty
 from .loop import FUSED_DEVICES, NonFiniteGuard
@@ -81,6 +81,13 @@ def paired_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:half], labels[:half], labels[2 * half:]])
 
 
+def grad_norm(accelerator: Accelerator, optimizer: torch.optim.Optimizer, parameters) -> torch.Tensor:
+    """The global norm of `optimizer`'s gradients, unscaled first under fp16. Only that optimizer's:
+    accelerate's `clip_grad_norm_` unscales every optimizer, the other network's stale gradients too."""
+    accelerator.unscale_gradients(optimizer)
+    return torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
+
+
 @dataclass(kw_only=True)
 class GANStep:
     """One discriminator update, and a generator update every `critic_steps` calls.
@@ -132,9 +139,9 @@ class GANStep:
         # all-reduce); a non-finite loss on any process skips the update on all, on the device.
         skip_d = self.guard.check(loss_d)
         self.opt_d.zero_grad(set_to_none=True)
-        acc.backward(loss_d)
+        acc.backward(self.guard.marked(loss_d, skip_d, self.opt_d))
         if measure_grads:
-            metrics["grad_norm_d"] = acc.clip_grad_norm_(D.parameters(), float("inf"))
+            metrics["grad_norm_d"] = grad_norm(acc, self.opt_d, D.parameters())
         self.guard.step(self.opt_d, skip_d)
 
         if (step + 1) % self.critic_steps:
@@ -151,9 +158,9 @@ class GANStep:
         skip_g = torch.maximum(skip_d, self.guard.check(loss_g))  # as before: no G update after a skipped D one
         self.guard.record(skip_g)
         self.opt_g.zero_grad(set_to_none=True)
-        acc.backward(loss_g)
+        acc.backward(self.guard.marked(loss_g, skip_g, self.opt_g))
         if measure_grads:
-            metrics["grad_norm_g"] = acc.clip_grad_norm_(G.parameters(), float("inf"))
+            metrics["grad_norm_g"] = grad_norm(acc, self.opt_g, G.parameters())
         self.guard.step(self.opt_g, skip_g)
         if self.ema is not None:
             ema_step(self.ema, unwrapped.parameters(), skip_g)
@@ -213,6 +220,22 @@ class CGAN:
         # Fixed noise for the grids, drawn from the run's seed (a generator of its own: no global draw).
         grid_size = run.data.num_classes * self.grid_per_class
         self.grid_noise = self.model.sample_noise(grid_size, torch.Generator().manual_seed(cfg.seed), torch.device("cpu"))
+        self.statistics = self.measure_statistics if cfg.model.ema_bn_batches else None
+
+    def measure_statistics(self) -> None:
+        """G's BatchNorm statistics for the weights it holds (the EMA's): `model.ema_bn_batches` batches of 256,
+        codes and labels drawn from the run's seed (labels as often as the training data has them), so the
+        same weights always get the same statistics."""
+        gen = torch.Generator().manual_seed(self.run.cfg.seed)
+        labels = self.run.data.labels
+        device = self.run.device
+
+        def forward(_: int) -> None:
+            z = self.model.sample_noise(256, gen, torch.device("cpu")).to(device)
+            pick = torch.randint(len(labels), (256,), generator=gen).to(labels.device)
+            self.model(z, labels[pick].to(device))
+
+        measure_batchnorm_statistics(self.model, forward, self.run.cfg.model.ema_bn_batches)
 
     def train_step(self, step: int, micro_batches: list, measure_grads: bool) -> dict[str, torch.Tensor]:
         [(real, labels)] = micro_batches  # one batch per step: the cGAN does not accumulate

@@ -30,8 +30,9 @@ class NonFiniteGuard:
     all-reduce, no host sync), and every process runs its backward as usual, so the gradient
     all-reduce never waits for a rank that skipped it; `record(found_inf)` counts each step once.
     `step(optimizer, found_inf)` hands it to the fused Adam/AdamW kernel, which then leaves weights,
-    moments and step count as they were (as GradScaler's found-inf does). The counts are read at log steps only (`read`): too many skips in
-    a row then stop the run, with the last checkpoint intact.
+    moments and step count as they were (as GradScaler's found-inf does); under a GradScaler (fp16) the
+    loss is `marked` instead, so that the scaler's own check skips the step. The counts are read at log
+    steps only (`read`): too many skips in a row then stop the run, with the last checkpoint intact.
     """
 
     def __init__(self, limit: int, accelerator: Optional[Accelerator] = None):
@@ -53,8 +54,30 @@ class NonFiniteGuard:
         self.counts = torch.stack([in_row, torch.maximum(self.counts[1], in_row), self.counts[2] + found_inf])
 
     @staticmethod
+    def scaled(optimizer: torch.optim.Optimizer) -> bool:
+        """Whether a GradScaler steps `optimizer` (accelerate's wrapper under fp16 on a GPU)."""
+        return getattr(optimizer, "scaler", None) is not None
+
+    @staticmethod
+    def marked(loss: torch.Tensor, found_inf: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """The loss to back-propagate for `optimizer`'s update, carrying the guard's verdict where it must.
+
+        Under a GradScaler the scaler decides the skip from the gradients, and itself sets and deletes
+        the fused kernel's `found_inf`; so the verdict travels in the gradients: where `found_inf` is set
+        the loss (and every gradient) becomes NaN, and the scaler skips the step (lowering its scale, as
+        for any overflow). Otherwise the loss is returned as it is (`step` hands the verdict over)."""
+        if not NonFiniteGuard.scaled(optimizer):
+            return loss
+        return loss * torch.where(found_inf > 0, float("nan"), 1.0)
+
+    @staticmethod
     def step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
-        """`optimizer.step()`, skipped on the device where `found_inf` is 1 (fused kernels; others sync once)."""
+        """`optimizer.step()`, skipped on the device where `found_inf` is 1 (fused kernels; others sync once).
+
+        Under a GradScaler the scaler's own found-inf skips it: the loss was `marked`."""
+        if NonFiniteGuard.scaled(optimizer):
+            optimizer.step()
+            return
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
         if not inner.defaults.get("fused"):
             if not bool(found_inf):  # an optimizer without the fused kernel: a host sync decides

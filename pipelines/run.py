@@ -14,7 +14,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from .config import save_config
+from .config import ConfigError, save_config
 from .rundir import prepare_run_dir
 from .tracking import start_tracking, wandb_mode
 
@@ -42,6 +42,9 @@ def make_accelerator(cfg: Any, output_dir: Path) -> Accelerator:
         log_with="wandb" if wandb_mode(cfg.log, warn=False) != "disabled" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        accelerator.print(f"mixed_precision=fp16 on {accelerator.device.type}: accelerate has no GradScaler there and "
+                          "trains in float32; bf16 autocasts on CPUs")
     # seed + process index: each process draws its own noise from the global generators (the cGAN's codes);
     # DDP broadcasts rank 0's initial weights, and the data order and the DDPM's training noise come from
     # generators of their own, seeded alike on every process.
@@ -99,14 +102,15 @@ def apply_speed_options(cfg: Any, accelerator: Accelerator, *models: torch.nn.Mo
 
 
 def training_batches(cfg: Any, accelerator: Accelerator):
-    """The training split decoded once into uint8 tensors on the device, as batches sharded by process."""
+    """The training split decoded once into uint8 tensors (on the device, or in host memory with
+    `data.on_device=false`), as batches on the device, sharded by process."""
     from .data import BatchLoader, load_tensors
 
     with accelerator.main_process_first():
         data = load_tensors(cfg.data)
     return BatchLoader(data, cfg.train.batch_size, cfg.seed, process_index=accelerator.process_index,
                        num_processes=accelerator.num_processes, pad_to=cfg.data.pad_to, hflip=cfg.data.hflip,
-                       device=accelerator.device if cfg.data.on_device else "cpu")
+                       device=accelerator.device, on_device=cfg.data.on_device)
 
 
 class TrainClock:
@@ -138,7 +142,11 @@ class Run:
 
         clock = TrainClock()  # from the start: data loading is part of the run's time
         # The first collective creates the process group: its timeout is set here, for the whole run.
-        state = PartialState(cpu=multi_cpu(), timeout=timedelta(minutes=cfg.train.process_group_timeout_minutes))
+        backend = cfg.train.process_group_backend
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("train.process_group_backend=nccl needs CUDA, which this machine lacks; use gloo or null")
+        state = PartialState(cpu=multi_cpu(), timeout=timedelta(minutes=cfg.train.process_group_timeout_minutes),
+                             **({"backend": backend} if backend else {}))
         out = prepare_run_dir(cfg.output_dir, resume, overwrite, state)
         run = cls.build(cfg, make_accelerator(cfg, out), out)
         run.clock = clock

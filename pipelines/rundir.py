@@ -90,12 +90,19 @@ def run_of(path: Path) -> Optional[Path]:
     return None
 
 
-def _write_errors() -> tuple[type[BaseException], ...]:
-    """What a failed write raises, library by library: OSError from Python's own files and shutil,
-    SafetensorError from safetensors, RuntimeError from torch.save (its zip writer's "unexpected pos")."""
+# What torch.save's zip writer says when the disk refuses bytes (it raises a RuntimeError, as it does for
+# everything); any other RuntimeError (CUDA out of memory, a failed collective) is not about the disk.
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def is_write_error(err: BaseException) -> bool:
+    """Whether `err` is a failed write, library by library: OSError from Python's own files and shutil,
+    SafetensorError from safetensors, and torch.save's RuntimeErrors that say so."""
     from safetensors import SafetensorError
 
-    return OSError, SafetensorError, RuntimeError
+    if isinstance(err, (OSError, SafetensorError)):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in TORCH_WRITE_FAILURES)
 
 
 def _write_failure(err: BaseException) -> str:
@@ -104,18 +111,21 @@ def _write_failure(err: BaseException) -> str:
         return "no space left on device"
     if getattr(err, "errno", None) == errno.EFBIG or "os error 27" in text or "File too large" in text:
         return "file too large for this filesystem or the file-size limit (ulimit -f)"
-    if isinstance(err, RuntimeError) and "unexpected pos" in text:  # torch.save cut short: the disk refused bytes
+    if isinstance(err, RuntimeError):  # torch.save cut short: the disk refused bytes
         return f"the write was cut short, most likely a full disk ({type(err).__name__}: {text})"
     return f"{type(err).__name__}: {text}"
 
 
 @contextlib.contextmanager
 def cleaned_up_on_write_error(tmp: Path, what: str, intact: list[Path]) -> Iterator[None]:
-    """A full disk (or any write error) removes the half-written `tmp` and says what is still intact."""
+    """Any failure removes the half-written `tmp`; a failed write (a full disk, a size limit) becomes an
+    error that says what is still intact. Others (out of memory, a collective's error) go on as they are."""
     try:
         yield
-    except _write_errors() as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_error(err):
+            raise
         kept = f"{intact[-1]} is intact" if intact else "nothing earlier was saved"
         raise RunDirError(f"writing the {what} failed ({_write_failure(err)}); the partial copy was removed and "
                           f"{kept}. Free space (or set checkpoint.keep lower), then --resume latest") from err

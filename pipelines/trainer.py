@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -21,7 +21,7 @@ from .grids import class_grid_labels, save_grid, write_grid
 from .loop import NonFiniteGuard, Upkeep, progress, steps_from
 from .model_card import GRID_FILE, TRAINING_FILE, write_model_card
 from .publish import check_can_push, push_run
-from .run import Run, start_run, uses_cuda_graphs
+from .run import Run, start_run
 from .tracking import drop_stats_after, log_export
 from .typed_yaml import to_dict
 
@@ -37,6 +37,9 @@ class Family(Protocol):
     guard: NonFiniteGuard
     pipeline: Any  # the export: a DiffusionPipeline around `model`; it draws every grid
     sample_kwargs: dict  # its call arguments for the grids and the evaluation
+    # Run with the EMA weights in place before anything is sampled or exported from them: measures what depends
+    # on the weights (the cGAN's BatchNorm statistics); None where nothing does.
+    statistics: Optional[Callable[[], None]]
 
     def train_step(self, step: int, micro_batches: list, measure_grads: bool) -> dict[str, torch.Tensor]: ...
 
@@ -69,8 +72,8 @@ class Training:
                                                export=self.export, call_kwargs=family.sample_kwargs)
 
     def inference(self):
-        """Eval mode and the EMA weights, for everything sampled or exported."""
-        return inference_mode(self.family.model, self.family.ema)
+        """Eval mode, the EMA weights and their own statistics, for everything sampled or exported."""
+        return inference_mode(self.family.model, self.family.ema, self.family.statistics)
 
     def draw_grid(self, name: str, step: int) -> None:
         if self.run.accelerator.is_main_process:
@@ -152,10 +155,9 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
     start_run(run.accelerator, cfg, run.out, run.data)  # set-up passed: only now does the run write config.yaml and open W&B
 
     bar = progress(run.accelerator, run.total_steps, step, family.name)
-    cuda_graphs = uses_cuda_graphs(cfg, run.device)
     for _, micro_batches in steps_from(run.loader, step, run.total_steps, run.accumulation):
-        if cuda_graphs:  # a new step: the graphs may reuse the last step's output memory (all read by now)
-            torch.compiler.cudagraph_mark_step_begin()
+        if cfg.train.compile:  # a new step: CUDA graphs (on CUDA) may reuse the last step's outputs, all read by
+            torch.compiler.cudagraph_mark_step_begin()  # now; without graphs this only counts the step
         metrics = family.train_step(step, micro_batches, measure_grads=(step + 1) % cfg.log.every_steps == 0)
         step += 1
         training.step = step

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The standing GPU check (see ../shared/GPU.md): about 8 minutes on one H200.
+# The standing GPU check (see ../shared/GPU.md).
 #   bash scripts/gpu_check.sh OUT_DIR [DATA_DIR]
-# Prints the GPU figures of bench/ (each trainer's step against its ceiling; the speed options, the CUDA-graph
+# Opens with the correctness matrix (scripts/gpu_matrix.py: both trainers x fp32/bf16/fp16 x data on the device/
+# in host memory x eager/compile/compile reduce-overhead, 10 steps and a resume to 20 each, plus 2 processes on
+# the one GPU; about 5 minutes on one H100, each cell's pass/fail and first error in figures.json as `matrix`).
+# Then the GPU figures of bench/ (each trainer's step against its ceiling; the speed options, the CUDA-graph
 # compile modes among them, on the report-B cGAN and the bf16 quality DDPM; sampling, eager and compiled),
 # trains the Fashion-MNIST DDPM quality and best-cGAN recipes time-boxed, evaluates both with the offline
-# classifier, and packs both exports in fp16. It leaves 5 files in OUT_DIR (the log is the caller's tee):
+# classifier, and packs both exports in fp16 (about 8 minutes on one H200). The whole does not fit one
+# 10-minute call: MATRIX=only runs the matrix alone, MATRIX=0 everything after it (default MATRIX=1: both).
+# It leaves up to 5 files in OUT_DIR (the log is the caller's tee):
 # figures.json (every benchmark and metric, rewritten after each part), two grids, two export tars (each under the 16 MiB a file may
 # have; for pretrained/). Each training gets a budget of seconds (DDPM_SECONDS, CGAN_SECONDS) turned into a
 # step count from the benchmark's own seconds per step, so the cosine schedule still runs to its end inside
 # the box. SPEED=0 skips the speed-option and compiled-sampling figures. SMALL=1 shrinks everything for a CPU
-# rehearsal.
+# rehearsal (the matrix's CUDA-only cells then say they were skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_check.sh OUT_DIR [DATA_DIR]}
@@ -46,6 +51,15 @@ else
   ddpm_size=(train.mixed_precision=bf16)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+
+MATRIX=${MATRIX:-1}
+if [ "$MATRIX" != 0 ]; then
+  say "correctness matrix"
+  if [ "${SMALL:-0}" = 1 ]; then matrix_args=(--small --deadline 1800); else matrix_args=(--deadline 240 --cell-timeout 120); fi
+  "$PY" scripts/gpu_matrix.py "$PARTS/matrix.json" "${matrix_args[@]}"
+  fold
+  if [ "$MATRIX" = only ]; then rm -rf "$WORK"; say "done: $(ls "$OUT")"; exit 0; fi
+fi
 
 # DDPM_STEPS and CGAN_STEPS (both) skip the benchmarks and train that many steps.
 if [ -n "${DDPM_STEPS:-}" ] && [ -n "${CGAN_STEPS:-}" ]; then
@@ -87,6 +101,9 @@ say "DDPM, quality recipe, $ddpm_steps steps (${ddpm_seconds} s budget)"
   ${DATA:+--data fashion_mnist --data-path "$DATA"}
 cp "$WORK/ddpm/eval/final/metrics.json" "$PARTS/ddpm_metrics.json"; fold
 cp "$WORK/ddpm/eval/final/grid.png" "$OUT/ddpm_grid.png"
+# generate on the GPU, to a grid and to a folder of PNGs (samples drawn on CUDA, written from the host)
+"$PY" -m pipelines.generate "$WORK/ddpm/pipeline" --class 0 --class 7 --num 4 --steps 5 --out "$WORK/generated.png"
+"$PY" -m pipelines.generate "$WORK/ddpm/pipeline" --class 0 --num 4 --steps 5 --out "$WORK/generated"
 
 say "cGAN, best recipe, $cgan_steps steps (${cgan_seconds} s budget)"
 "$PY" train_cgan.py --config configs/cgan/fmnist_best.yaml output_dir="$WORK/cgan" train.max_steps="$cgan_steps" \
