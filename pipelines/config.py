@@ -362,6 +362,11 @@ class CGANConfig(RunConfig):
         if self.train.compile and self.loss.name == "wgan_gp":
             raise ConfigError("train.compile=true with loss.name=wgan_gp: torch.compile cannot differentiate the "
                               "gradient penalty twice; use train.compile=false or another loss (bce, lsgan, hinge)")
+        if self.train.compile and self.model.arch == "resnet":
+            raise ConfigError("train.compile=true with model.arch=resnet: the compiled discriminator keeps a spectral-norm "
+                              "vector for its backward that its second forward pass (the fakes) updates in place, and "
+                              "the first backward fails (seen with torch 2.14); use train.compile=false, or "
+                              "model.arch=transposed_conv/upsample_conv")
         if self.train.compile and self.loss.r1_gamma:
             raise ConfigError(f"train.compile=true with loss.r1_gamma={self.loss.r1_gamma}: torch.compile cannot "
                               "differentiate the R1 penalty twice; use train.compile=false or loss.r1_gamma=0")

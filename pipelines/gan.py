@@ -233,7 +233,8 @@ class CGAN:
         def forward(_: int) -> None:
             z = self.model.sample_noise(256, gen, torch.device("cpu")).to(device)
             pick = torch.randint(len(labels), (256,), generator=gen).to(labels.device)
-            self.model(z, labels[pick].to(device))
+            # forward, not __call__: eager even under train.compile (no graph compiled for 8 one-off batches)
+            self.model.forward(z, labels[pick].to(device))
 
         measure_batchnorm_statistics(self.model, forward, self.run.cfg.model.ema_bn_batches)
 

@@ -7,7 +7,7 @@ logged once, no loss was non-finite, the export exists and (fp16 on CUDA) the ch
 state. Then each trainer as 2 processes sharing the one GPU (two "machines" on 127.0.0.1, over gloo: NCCL
 refuses two ranks on one device). Cells run `--jobs` at a time; none starts after `--deadline` seconds.
 
-    python scripts/gpu_matrix.py OUT.json [--jobs 8] [--deadline 290] [--small]
+    python scripts/gpu_matrix.py OUT.json [--jobs 8] [--deadline 290] [--small] [--only TEXT ...]
 
 Without CUDA the CUDA-only cells say they were skipped (fp16: accelerate has no GradScaler on a CPU, and
 tests/test_gpu_paths.py runs that path with a CPU scaler; host data: the host is the device; CUDA graphs);
@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["data.name=synthetic", "data.synthetic_size=1024", "train.batch_size=32", "train.epochs=1",
+# 2,048 images: 32 steps of 2 x 32 with 2 processes, so all 20 steps fit in one epoch either way.
+COMMON = ["data.name=synthetic", "data.synthetic_size=2048", "train.batch_size=32", "train.epochs=1",
           "log.every_steps=5", "log.wandb=disabled", "checkpoint.every_steps=10", "eval.every_epochs=null"]
 # The modern recipes in miniature: the residual cGAN with skip-z, spectral norm, DiffAugment, EMA (and its
 # BatchNorm statistics); the U-Net with attention, classifier-free guidance, min-SNR, EMA.
@@ -44,6 +45,11 @@ FAMILY = {
                                "diffusion.num_train_timesteps=100", "diffusion.sample_steps=2",
                                "diffusion.label_dropout=0.1", "diffusion.snr_gamma=5", "train.ema_decay=0.999"]),
 }
+# train.compile refuses the residual cGAN (its spectral-norm D breaks the compiled backward): the compiled cGAN
+# cells train the seeds' network with the spectral-norm projection D instead.
+CGAN_COMPILED = ["model.arch=transposed_conv", "model.d_norm=spectral", "model.d_conditioning=projection",
+                 "model.base_channels=16", "model.latent_dim=32", "model.label_emb_dim=16", "loss.name=hinge",
+                 "loss.diffaugment=[translation,cutout]", "train.ema_decay=0.999", "model.ema_bn_batches=2"]
 PRECISIONS = ("no", "bf16", "fp16")
 DATA = ("device", "host")
 # The compiled cells also train in channels_last, as GPU users combine them.
@@ -119,6 +125,8 @@ def check_run(out: Path, steps: int, fp16_on_cuda: bool) -> str | None:
 def cell(name: str, family: str, overrides: list[str], work: Path, two: bool, cuda: bool, fp16: bool,
          timeout: float) -> dict:
     script, recipe = FAMILY[family]
+    if family == "cgan" and "train.compile=true" in overrides:
+        recipe = CGAN_COMPILED
     out = work / name
     start = time.monotonic()
     args = [f"output_dir={out}", *COMMON, *recipe, *overrides]
@@ -174,6 +182,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=290.0, help="seconds after which no cell starts")
     parser.add_argument("--cell-timeout", type=float, default=240.0, help="seconds each training may take")
     parser.add_argument("--small", action="store_true", help="the CPU rehearsal: one compiled cell")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only the cells whose name contains TEXT (repeat for several), e.g. 2 processes")
     args = parser.parse_args()
 
     import torch
@@ -182,6 +192,8 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     jobs = args.jobs or (8 if cuda else 1)
     cells = plan(cuda, args.small)
+    if args.only:
+        cells = [(name, spec) for name, spec in cells if any(text in name for text in args.only)]
     results: dict[str, dict] = {}
     lock = threading.Lock()
     start = time.monotonic()

@@ -435,3 +435,13 @@ def test_samples_drawn_on_a_device_are_written_as_pngs(tmp_path):
     save_samples(images, torch.tensor([0, 1, 1]), ["a", "b"], tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
         "00_a/000000.png", "01_b/000001.png", "01_b/000002.png"]
+
+
+def test_compile_with_the_residual_cgan_is_refused_before_training():
+    """The compiled residual D keeps its spectral-norm vector for the backward, and the fakes' forward updates it
+    in place: `one of the variables needed for gradient computation has been modified` at step 1."""
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.compile=true with model.arch=resnet"):
+        load_config(CGANConfig, overrides=["model.arch=resnet", "train.compile=true"])
+    load_config(CGANConfig, overrides=["model.d_norm=spectral", "model.d_conditioning=projection", "train.compile=true"])
