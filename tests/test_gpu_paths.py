@@ -32,11 +32,7 @@ class ScaledAccelerator(Accelerator):
 
 
 @pytest.fixture
-def fp16_scaler(monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def fp16_scaler(monkeypatch):  # run_script resets accelerate's process-wide state before each run
     monkeypatch.setattr("pipelines.run.Accelerator", ScaledAccelerator)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
 
