@@ -23,7 +23,11 @@ def parse_args(doc: str, argv: Optional[list[str]] = None) -> argparse.Namespace
     parser.add_argument("--config", help="YAML file describing the run (configs/...); defaults apply without one")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
     parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest or a given checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete output_dir first if it holds a run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete output_dir first if it holds a run (not with --resume)")
+    parser.add_argument("--accept-config-changes", action="store_true",
+                        help="with --resume: continue even though the model, objective, optimizer, data, batch or "
+                             "seed differ from the run's config.yaml (refused otherwise; other changes are printed)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     return parser.parse_intermixed_args(argv)
 

@@ -115,6 +115,7 @@ class EvalConfig:
 
     every_epochs: Optional[int] = None  # None: no evaluation during training
     num_per_class: int = 100
+    batch_size: int = 250  # images sampled at once; a SIGTERM stops the evaluation between batches
     classifier: Optional[str] = None  # None: the classifier shipped in the package for data.name
     metric: Literal["fid", "kid", "accuracy"] = "fid"  # chooses the best/ export; accuracy is maximised
     steps: Optional[int] = None  # diffusion sampling steps; None: diffusion.sample_steps
@@ -130,6 +131,7 @@ class EvalConfig:
         if any(e < 1 for e in self.snapshot_epochs) or len(set(self.snapshot_epochs)) != len(self.snapshot_epochs):
             raise ConfigError(f"eval.snapshot_epochs={self.snapshot_epochs}: must be distinct positive epochs")
         check_at_least(self, "num_per_class", "eval", 2)
+        check_positive(self, "batch_size", "eval")
         if self.steps is not None:
             check_positive(self, "steps", "eval")
         if self.guidance is not None:

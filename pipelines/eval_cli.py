@@ -166,23 +166,35 @@ def train_classifier_main(argv: list[str]) -> int:
     add_data_args(p, "fashion_mnist", "the dataset to train on (its train split; accuracy on its test split)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="default: the shipped classifiers/<data> of the package (replaced)")
+    p.add_argument("--out", help="default: the per-user cache (XDG_CACHE_HOME, or ~/.cache) for this data, where "
+                                 "evaluations on the same data find it; never the package's shipped classifiers")
     args = p.parse_args(argv)
 
     import torch
 
     from .classifier import save_classifier, train_classifier
-    from .evaluation import SHIPPED_CLASSIFIERS
+    from .evaluation import SHIPPED_CLASSIFIERS, classifier_cache_path, classifier_identity
 
     kwargs = {"epochs": args.epochs} if args.epochs else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.out is None and args.data not in ("fashion_mnist", "cifar10", "synthetic"):
         raise ValueError(f"--data {args.data}: give --out DIR for the classifier (then `eval.py RUN --classifier DIR`, "
                          "or eval.classifier: DIR in the run's config)")
-    model, info = train_classifier(data_config(args), seed=args.seed, device=device, **kwargs)
-    out = Path(args.out) if args.out else SHIPPED_CLASSIFIERS / args.data
+    data_cfg = data_config(args)
+    model, info = train_classifier(data_cfg, seed=args.seed, device=device, **kwargs)
+    # Never into the package: a replaced shipped classifier makes the documented FIDs incomparable, and an
+    # installed package may be read-only. The cache is where evaluations look for this data's own classifier.
+    if args.out is None:
+        info["data_identity"] = classifier_identity(data_cfg)
+    out = Path(args.out) if args.out else classifier_cache_path(data_cfg)
     save_classifier(model, info, out)
     print(f"test accuracy {info['test_accuracy']:.4f}; saved to {out}")
+    shipped = SHIPPED_CLASSIFIERS / args.data
+    if shipped.is_dir():
+        print(f"evaluations on {args.data} keep using the classifier shipped in the package ({shipped}); to score "
+              f"with this one, give --classifier {out} (or eval.classifier: {out} in a run's config)")
+    elif args.out is None:
+        print("evaluations on this data use it unless --classifier PATH is given")
     return 0
 
 

@@ -79,20 +79,30 @@ def compile_sampler(pipe) -> tuple[str, Optional[str]]:
 
 
 @torch.no_grad()
-def generate(pipe, labels: torch.Tensor, batch_size: int, seed: int, accelerator=None, **call_kwargs) -> torch.Tensor:
+def generate(pipe, labels: torch.Tensor, batch_size: int, seed: int, accelerator=None, preemption=None,
+             **call_kwargs) -> torch.Tensor:
     """uint8 (N, C, H, W) images for `labels`, batched, split across processes, gathered in order.
 
     Batch b always uses the seed (seed, b), so the images do not depend on the number of processes.
+    `preemption` (a `preemption.Preemption`): checked before each batch and, for diffusion, after each
+    denoising step; a SIGTERM then raises `StopRequested` (one process only: the in-training evaluation).
     """
     from accelerate.utils import gather_object
 
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     device = pipe.device
+    if preemption is not None and is_diffusion(pipe):
+        def check_each_step(pipe, i, t, tensors):
+            preemption.check()
+            return tensors
+        call_kwargs = {**call_kwargs, "callback_on_step_end": check_each_step}
     mine = []
     for b, start in enumerate(range(0, len(labels), batch_size)):
         if b % world != rank:
             continue
+        if preemption is not None:
+            preemption.check()
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
         images = pipe(labels[start: start + batch_size].tolist(), generator=gen, output_type="pt", **call_kwargs).images
         mine.append((b, (images * 255).round().to(torch.uint8).cpu()))
@@ -107,25 +117,38 @@ def classifier_cache() -> Path:
     return root / "class-conditional-generation" / "classifiers"
 
 
+def classifier_identity(data_cfg: DataConfig) -> dict:
+    """What makes two data configs the same data to a classifier: the source and the classes (not split or limit)."""
+    return {"name": data_cfg.name, "path": str(Path(data_cfg.path).resolve()) if data_cfg.path else None,
+            "classes": data_cfg.classes, "pad_to": data_cfg.pad_to,
+            **{k: getattr(data_cfg, k) for k in ("hub_id", "hub_config", "revision", "image_column", "label_column",
+                                                  "image_size", "channels") if getattr(data_cfg, k) is not None}}
+
+
+def classifier_cache_path(data_cfg: DataConfig) -> Path:
+    """The per-user folder of the classifier of this data (keyed by `classifier_identity`): where
+    `cached_classifier` trains it on first use and `eval.py train-classifier` writes it without --out."""
+    identity = json.dumps(classifier_identity(data_cfg), sort_keys=True)
+    return classifier_cache() / f"{data_cfg.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
 def cached_classifier(data_cfg: DataConfig, device: torch.device) -> Path:
-    """The classifier of a dataset no classifier ships for (CIFAR-10, the user's own): trained on its training
-    split the first time (its test accuracy written beside it), then reused by every run on the same data."""
+    """The classifier of data no classifier ships for (CIFAR-10, the user's own, a `data.classes` subset):
+    trained on its training split the first time (its test accuracy written beside it), then reused by every
+    run on the same data."""
     from .classifier import save_classifier, train_classifier
 
     data_cfg = replace(data_cfg, split="train", limit=None)
-    identity = json.dumps({"name": data_cfg.name, "path": str(Path(data_cfg.path).resolve()) if data_cfg.path
-                           else None, "classes": data_cfg.classes, "pad_to": data_cfg.pad_to,
-                           **{k: getattr(data_cfg, k) for k in ("hub_id", "hub_config", "revision", "image_column",
-                                                                 "label_column", "image_size", "channels")
-                              if getattr(data_cfg, k) is not None}}, sort_keys=True)
-    path = classifier_cache() / f"{data_cfg.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    path = classifier_cache_path(data_cfg)
     if path.is_dir():
         logger.info("using the classifier trained earlier for this data: %s", path)
         return path
-    logger.warning("no classifier ships for data.name=%s: training one on its training split for the offline "
-                   "metrics (once; cached in %s)", data_cfg.name, path)
+    why = (f"the classifier shipped for data.name={data_cfg.name} knows all its classes, not data.classes="
+           f"{data_cfg.classes}" if (SHIPPED_CLASSIFIERS / data_cfg.name).is_dir()
+           else f"no classifier ships for data.name={data_cfg.name}")
+    logger.warning("%s: training one on its training split for the offline metrics (once; cached in %s)", why, path)
     model, info = train_classifier(data_cfg, device=str(device), log=logger.info)
-    info["data_identity"] = json.loads(identity)
+    info["data_identity"] = classifier_identity(data_cfg)
     save_classifier(model, info, path)
     logger.warning("classifier trained: test accuracy %.4f (%s)", info["test_accuracy"], path)
     return path
@@ -145,9 +168,13 @@ def make_extractor(kind: str, classifier_path: Optional[str | Path], data_cfg: D
         raise ValueError(f"features {kind!r}: valid choices are inception, classifier")
     from .classifier import load_classifier
 
-    path = Path(classifier_path) if classifier_path else SHIPPED_CLASSIFIERS / data_cfg.name
-    if classifier_path is None and not path.is_dir():
-        path = cached_classifier(data_cfg, device)  # none shipped for this data: train one, once
+    shipped = SHIPPED_CLASSIFIERS / data_cfg.name
+    if classifier_path:
+        path = Path(classifier_path)
+    elif shipped.is_dir() and data_cfg.classes is None:  # the data it was trained on: every class, its own labels
+        path = shipped
+    else:  # none shipped, or a `data.classes` subset (relabelled 0..k-1: the shipped logits score other labels)
+        path = cached_classifier(data_cfg, device)  # train one for this data, once
     model, info = load_classifier(path)
     return classifier_extractor(model, device), {"classifier": str(path), "classifier_test_accuracy":
                                                  info.get("test_accuracy")}
@@ -256,8 +283,9 @@ class TrainingEvaluator:
     """
 
     def __init__(self, *, accelerator, cfg, output_dir: Path, pipeline, inference, export,
-                 call_kwargs: Optional[dict] = None):
+                 call_kwargs: Optional[dict] = None, preemption=None):
         self.acc, self.cfg, self.out, self.export = accelerator, cfg.eval, output_dir, export
+        self.preemption = preemption  # a SIGTERM stops the evaluation between batches: StopRequested
         self.pipeline, self.inference = pipeline, inference
         self.extractor, _ = make_extractor("classifier", cfg.eval.classifier, cfg.data, accelerator.device)
         self.real = load_tensors(replace(cfg.data, split="test", limit=None))
@@ -282,8 +310,11 @@ class TrainingEvaluator:
 
         pipeline = self.pipeline
         with self.inference():
-            images = generate(pipeline, self.labels, 250, self.cfg.seed, **self.call_kwargs)
+            images = generate(pipeline, self.labels, self.cfg.batch_size, self.cfg.seed, preemption=self.preemption,
+                              **self.call_kwargs)
             result = score(images, self.labels, self.real, self.extractor, with_lpips=False, real_feats=self.real_feats)
+        if self.preemption is not None:
+            self.preemption.check()  # before best/ is replaced: a stopped evaluation changes nothing
         value = result[self.cfg.metric]
         if self.is_better(value):  # export(path, texts) swaps the EMA weights in by itself
             self.best = {"metric": self.cfg.metric, "value": value, "epoch": epoch, "step": step}

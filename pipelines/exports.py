@@ -15,13 +15,14 @@ def save_pipeline(pipeline, path: Path, finish: Optional[Callable[[Path], None]]
     """`save_pretrained` (weights, configs and the code) into a temporary folder, `finish(folder)` to add
     files (model card, sample grid), then swap it in: a crash never leaves half an export."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    if old.exists() and not path.exists():  # an earlier swap was cut between its renames: the copy it had
+        os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
     with cleaned_up_on_write_error(tmp, f"pipeline export {path}", [path] if path.exists() else []):
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
         if finish is not None:
             finish(tmp)
-    old = path.with_name(f".old-{path.name}")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

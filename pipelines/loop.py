@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Protocol
@@ -12,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from .checkpoints import save_checkpoint
+from .preemption import Preemption, StepConsensus, StopRequested
 from .rundir import snapshot_dir
 from .tracking import write_stats
 
@@ -142,10 +141,6 @@ def progress(accelerator: Accelerator, total: int, initial: int, desc: str):
                 dynamic_ncols=True)
 
 
-class EvaluationInterrupted(Exception):
-    """SIGTERM arrived during an in-training evaluation: it is dropped, the checkpoint and exit follow."""
-
-
 class UpkeepTasks(Protocol):
     """The run's own work that the upkeep schedules (`trainer.Training` does it)."""
 
@@ -164,48 +159,16 @@ class Upkeep:
     Metrics arrive as device tensors and are read (one host sync) only when a log is due.
     """
 
-    def __init__(self, *, run: "Run", tasks: UpkeepTasks, guard: NonFiniteGuard):
+    def __init__(self, *, run: "Run", tasks: UpkeepTasks, guard: NonFiniteGuard, preemption: Preemption):
         self.acc, self.cfg, self.out = run.accelerator, run.cfg, run.out
         self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
-        self.tasks, self.guard = tasks, guard
+        self.tasks, self.guard, self.preemption = tasks, guard, preemption
         self.clock = run.clock
         self.ckpt_clock = WallClock(self.cfg.checkpoint.every_minutes)
+        self.consensus = StepConsensus(self.acc.num_processes, self.cfg.train.process_group_timeout_minutes)
         self.pending: list[dict] = []
-        self.preempted = False
-        self.wants_checkpoint = False  # by wall time or SIGTERM; held until the processes agree
-        self.phase = "training"  # or "evaluation", "finishing": what SIGTERM interrupts
+        self.wants_checkpoint = False  # by wall time; held until the processes have pooled it
         self.final_step = 0
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum, frame) -> None:
-        # Cluster preemption. In training: finish the current step, write a checkpoint, then exit (see
-        # after_step). In an evaluation: drop it, then the same. After training: the final checkpoint is
-        # complete, so exit at once; --resume latest draws the final pictures and exports.
-        self.preempted = True
-        if self.phase == "evaluation":
-            raise EvaluationInterrupted
-        if self.phase == "finishing":
-            self.acc.print(f"SIGTERM after training: the checkpoint at step {self.final_step} is complete; "
-                           "--resume latest draws the final pictures and writes the export")
-            raise SystemExit(143)
-
-    def finishing(self, step: int) -> None:
-        """Training is over and its last checkpoint written: from now on SIGTERM exits at once."""
-        self.phase, self.final_step = "finishing", step
-        if self.preempted:  # a SIGTERM that came during the last step's upkeep
-            self._on_sigterm(signal.SIGTERM, None)
-
-    def _agree(self, wants_checkpoint: bool, preempted: bool, sync: bool) -> tuple[bool, bool]:
-        """Wall time and signals differ between processes, but saving is collective: with several
-        processes the wishes are pooled at log steps (already a sync point), so all act on the same step."""
-        if self.acc.num_processes == 1:
-            return wants_checkpoint, preempted
-        if not sync:
-            return False, False
-        flags = torch.tensor([float(wants_checkpoint), float(preempted)], device=self.acc.device)
-        pooled = self.acc.reduce(flags, reduction="sum").tolist()
-        return pooled[0] > 0, pooled[1] > 0
 
     def after_step(self, step: int, metrics: dict, **scalars: float) -> Optional[dict]:
         """Call with the number of completed steps; returns the logged record when one was written."""
@@ -236,25 +199,39 @@ class Upkeep:
             self.acc.wait_for_everyone()
         every = self.cfg.eval.every_epochs
         if every and end_of_epoch and (epoch % every == 0 or last):
-            self.phase = "evaluation"
             try:
-                if not self.preempted:
+                if not self.preemption.requested:
                     self.tasks.evaluate(epoch, step)  # the main process evaluates; the others wait for it
-            except EvaluationInterrupted:
+            except StopRequested:  # checked between its batches: dropped, the checkpoint and exit follow
                 self.acc.print(f"SIGTERM: the evaluation at epoch {epoch} was stopped")
-            finally:
-                self.phase = "training"
             self.acc.wait_for_everyone()
         ckpt_cfg = self.cfg.checkpoint
         by_steps = step % ckpt_cfg.every_steps == 0 if ckpt_cfg.every_steps else end_of_epoch
-        self.wants_checkpoint = self.wants_checkpoint or self.ckpt_clock.due() or self.preempted
-        by_wish, preempted = self._agree(self.wants_checkpoint, self.preempted, sync=log_due)
-        if by_steps or by_wish or last:
+        self.wants_checkpoint = self.wants_checkpoint or self.ckpt_clock.due()
+        by_wish, preempted = self.consensus.pooled(self.wants_checkpoint, self.preemption.requested)
+        if by_steps or by_wish or preempted or last:
             save_checkpoint(self.acc, self.out, step, ckpt_cfg.keep, self.tasks.checkpoint_extra(),
                             info={"train_seconds": round(self.clock.seconds(), 3)})
             self.wants_checkpoint = False
+            self.consensus.saved()
         if preempted:
+            self.consensus.close()
             self.acc.print(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume latest")
             self.acc.end_training()
             raise SystemExit(143)
         return record
+
+    def finishing(self, step: int) -> None:
+        """Training is over and its last checkpoint written; from here on a SIGTERM ends the run at the next
+        `stop_point` (a SIGTERM that reached another process during the last step is pooled here too)."""
+        self.final_step = step
+        if self.consensus.close():
+            self.preemption.requested = True
+
+    def stop_point(self, what: str) -> None:
+        """Between the phases after training: exit at once on a SIGTERM, nothing is lost (`what` is left)."""
+        if self.preemption.requested:
+            self.acc.print(f"SIGTERM after training: the checkpoint at step {self.final_step} is complete; "
+                           f"--resume latest {what}")
+            self.acc.end_training()
+            raise SystemExit(143)

@@ -146,32 +146,65 @@ def publish(export: str | Path, repo_id: str, *, private: Optional[bool] = None,
             message: Optional[str] = None, token: Optional[str] = None) -> str:
     """Push one export folder to `repo_id` (created if missing) on `revision`; returns the commit URL.
 
-    Raises `PublishError` with the reason and the command that retries; the local export stays as it was
-    (only its model card is rewritten, to load from `repo_id`).
+    Raises `PublishError` with the reason and the command that retries. What is uploaded is a staging copy
+    with the card that names `repo_id`: the export itself is never changed during the push, so a push killed
+    midway (SIGTERM, Ctrl-C) leaves it as it was. Only after a successful upload is its card replaced by the
+    pushed one.
     """
+    import shlex
+    import tempfile
+
     from .model_card import write_model_card
 
     export = Path(export)
-    retry = (f"the export stays in {export}; push it later with: python -m pipelines.publish {export} "
-             f"--repo-id {repo_id}" + (f" --revision {revision}" if revision else ""))
+    # The retry repeats the visibility: without --private it would create the repository public.
+    retry = (f"the export stays in {export}; push it later with: python -m pipelines.publish "
+             f"{shlex.quote(str(export))} --repo-id {repo_id}" + (f" --revision {revision}" if revision else "")
+             + ("" if private is None else " --private" if private else " --public"))
     try:
         check_repo_id(repo_id)
     except ValueError as err:
         raise PublishError(str(err)) from None
-    card = export / "README.md"
-    old_card = card.read_bytes() if card.is_file() else None
     try:
         hub = Hub(token)
         repo_id = hub.full_repo_id(repo_id)
-        write_model_card(export, repo_id=repo_id, revision=revision)
-        return hub.push(export, repo_id, private=private, revision=revision, message=message)
+        try:  # beside the export, so that hard links work; elsewhere where its folder is read-only
+            staging_root = tempfile.TemporaryDirectory(prefix=f".{export.name}.push-", dir=export.parent)
+        except OSError:
+            staging_root = tempfile.TemporaryDirectory(prefix="publish-")
+        with staging_root as tmp:
+            staging = stage(export, Path(tmp) / export.name)
+            write_model_card(staging, final=export, repo_id=repo_id, revision=revision)
+            url = hub.push(staging, repo_id, private=private, revision=revision, message=message)
+            pushed_card = (staging / "README.md").read_bytes()
     except Exception as err:
-        if old_card is not None:  # the export as it was: its card does not name a repository that was not made
-            replace_bytes(card, old_card)
         if isinstance(err, PublishError):
             raise PublishError(f"{err}; {retry}") from None
         # The Hub's answers and the network's failures, by kind.
         raise PublishError(f"pushing to {repo_id} failed: {_why(err, repo_id)}; {retry}") from None
+    try:  # the local card as pushed (it loads from the repository), replaced at once
+        replace_bytes(export / "README.md", pushed_card)
+    except OSError as err:  # pushed all the same: a read-only export keeps its card
+        print(f"warning: pushed, but the local model card {export / 'README.md'} was not updated ({err})",
+              file=sys.stderr)
+    return url
+
+
+def stage(export: Path, staging: Path) -> Path:
+    """`export` as the folder `staging`: hard links (no bytes copied) where the filesystem allows them, else
+    copies; without dot files (temporary files). Its README.md is unlinked, so that a card written there is a
+    new file and never the export's own."""
+    import shutil
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(src, dst)
+
+    shutil.copytree(export, staging, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".*"))
+    (staging / "README.md").unlink(missing_ok=True)
+    return staging
 
 
 def replace_bytes(path: Path, data: bytes) -> None:

@@ -136,9 +136,13 @@ class Run:
     clock: TrainClock = field(default_factory=TrainClock)
 
     @classmethod
-    def open(cls, cfg: Any, resume: Optional[str], overwrite: bool) -> "Run":
-        """Check `cfg.output_dir` is ours (every process agrees before any writes), then build the run."""
+    def open(cls, cfg: Any, resume: Optional[str], overwrite: bool, accept_config_changes: bool = False) -> "Run":
+        """Check `cfg.output_dir` is ours (every process agrees before any writes) and, for a resume, that `cfg`
+        continues the same training; then build the run."""
         from accelerate import PartialState
+
+        from .checkpoints import list_checkpoints
+        from .config_changes import check_resume_config
 
         clock = TrainClock()  # from the start: data loading is part of the run's time
         # The first collective creates the process group: its timeout is set here, for the whole run.
@@ -148,6 +152,9 @@ class Run:
         state = PartialState(cpu=multi_cpu(), timeout=timedelta(minutes=cfg.train.process_group_timeout_minutes),
                              **({"backend": backend} if backend else {}))
         out = prepare_run_dir(cfg.output_dir, resume, overwrite, state)
+        if resume is not None and (resume != "latest" or list_checkpoints(out)):  # every process: all stop alike
+            for line in check_resume_config(cfg, out, accept_config_changes):
+                state.print(line)
         run = cls.build(cfg, make_accelerator(cfg, out), out)
         run.clock = clock
         return run

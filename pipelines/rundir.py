@@ -21,6 +21,10 @@ def prepare_run_dir(output_dir: str | Path, resume: Optional[str], overwrite: bo
     accelerate's `state`) acts.
     """
     out = Path(output_dir)
+    if overwrite and resume is not None:
+        raise RunDirError(f"--overwrite deletes {out} and --resume {resume} continues it: choose one (a requeued "
+                          "or repeated job wants --resume latest alone; it starts from step 0 when there is "
+                          "nothing to resume)")
     occupied = out.exists() and any(out.iterdir())
     if occupied and not overwrite and resume is None:
         kind = "a run" if (out / "config.yaml").exists() else "files"
@@ -31,6 +35,8 @@ def prepare_run_dir(output_dir: str | Path, resume: Optional[str], overwrite: bo
         if occupied and overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        for line in recover_interrupted_writes(out):
+            print(line, flush=True)
     state.wait_for_everyone()
     if state.num_processes > 1:
         check_shared(out, state)
@@ -70,6 +76,27 @@ def check_shared(out: Path, state) -> None:
         raise RunDirError(f"output_dir {out} is not shared: {', '.join(blind)} cannot see what the main process "
                           f"({socket.gethostname() if state.is_main_process else 'process 0'}) writes there. With "
                           "several machines, put output_dir on a filesystem all of them mount (NFS, Lustre, ...)")
+
+
+def recover_interrupted_writes(out: Path) -> list[str]:
+    """Undo what a kill in the middle of an atomic write left in the run directory `out`; returns what it did.
+
+    An export is swapped in by two renames (`X` -> `.old-X`, `.tmp-X` -> `X`): a kill between them leaves
+    `.old-X` and no `X`, which is put back. A `.tmp-*` is always a write cut short: removed."""
+    said = []
+    folders = [out, out / "snapshots", checkpoint_dir(out)]
+    for folder in (f for f in folders if f.is_dir()):
+        for old in sorted(folder.glob(".old-*")):
+            target = folder / old.name[len(".old-"):]
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, target)
+                said.append(f"{target} was being replaced when the run stopped: the previous copy is put back")
+        for tmp in sorted([*folder.glob(".tmp-*"), *folder.glob(".*.push-*")]):  # .X.push-*: a push's staging copy
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            said.append(f"removed {tmp}, a write that was cut short")
+    return said
 
 
 def checkpoint_dir(output_dir: Path) -> Path:

@@ -4,6 +4,8 @@ in turn (or one per GPU), then evaluated and compared in one report.
     python -m pipelines.sweep configs/sweeps/cgan_losses.yaml [--gpus 0,1,2,3] [--dry-run] [--report-only]
     python -m pipelines.sweep configs/sweeps/cgan_losses.yaml --gpus 0,1 --runs-per-gpu 4   # small runs share a GPU
     python -m pipelines.sweep configs/experiments/cgan_vs_ddpm.yaml
+    python -m pipelines.sweep STUDY --task 3 && python -m pipelines.sweep STUDY --report-if-done  # one run of
+        # the study, then the report if it was the last (scripts/slurm/study_array.sbatch: a Slurm job array)
 
 A sweep file is also a W&B sweep (`wandb sweep FILE`, then `wandb agent ID` on each machine): its
 parameters are the trainers' dotted overrides, fixed ones included, and `output_dir` names each run's
@@ -14,6 +16,7 @@ interrupted ones resume from their last checkpoint, and evaluations already writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -257,6 +260,36 @@ def train_all(study: Study, gpus: Optional[list[str]] = None, runs_per_gpu: int 
     return records
 
 
+def run_task(study: Study, index: int) -> int:
+    """One run of the study, in place of this process (so a signal sent to it reaches the trainer): a Slurm array
+    task's work. A finished run is left as it is."""
+    if not 0 <= index < len(study.runs):
+        raise StudyError(f"--task {index}: the study has {len(study.runs)} runs (valid: 0..{len(study.runs) - 1})")
+    run = study.runs[index]
+    if run.finished():
+        print(f"{run.name} is finished ({run.output_dir / 'pipeline'}); nothing to train")
+        return 0
+    command = run.command()
+    print(f"training {run.name}: {' '.join(command[1:])}", flush=True)
+    os.execv(command[0], command)
+
+
+@contextlib.contextmanager
+def report_lock(study: Study):
+    """Whether this process holds the study's report lock (held for the block): of tasks that end together,
+    one builds the report."""
+    import fcntl
+
+    study.report_dir.mkdir(parents=True, exist_ok=True)
+    with open(study.report_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 class InceptionProbe:
     """Inception FID and IS where clean-fid's weights can be had; one attempt per study, not per export."""
 
@@ -320,6 +353,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--inception", choices=["auto", "yes", "no"], default="auto",
                         help="Inception FID/IS besides the offline metrics: auto uses them when the weights load")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    parser.add_argument("--count", action="store_true", help="print the number of runs (a job array's size) and exit")
+    parser.add_argument("--task", type=int, metavar="INDEX",
+                        help="train only run INDEX (0-based, in --dry-run's order) in this process: a job array's task")
+    parser.add_argument("--report-if-done", action="store_true",
+                        help="evaluate and report only if every run is finished (the last task of a job array does)")
     parser.add_argument("--report-only", action="store_true", help="evaluate and report what is trained; train nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -330,6 +368,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.runs_per_gpu < 1 or (args.runs_per_gpu > 1 and not args.gpus):
             raise StudyError(f"--runs-per-gpu {args.runs_per_gpu}: must be 1 or more, and more than 1 needs --gpus")
         study = load_study(args.study)
+        if args.count:
+            print(len(study.runs))
+            return 0
+        if args.task is not None:
+            return run_task(study, args.task)
+        if args.report_if_done:
+            with report_lock(study) as mine:
+                unfinished = [r.name for r in study.runs if not r.finished()]
+                if unfinished or not mine:
+                    print(f"{len(study.runs) - len(unfinished)} of {len(study.runs)} runs finished; the report is "
+                          "built after the last one" if unfinished else "another task is building the report")
+                    return 0
+                probe = InceptionProbe(args.inception)
+                evaluate_all(study, probe)
+                print(write_study_report(study, inception_note=probe.note))
+            return 0
         if args.dry_run:
             for run in study.runs:
                 state = "finished" if run.finished() else "to train"

@@ -61,14 +61,26 @@ def logged_in() -> bool:
 
 def wandb_mode(cfg: LogConfig, warn: bool = True) -> str:
     """`log.wandb`, where `auto` defers to the user's W&B set-up: WANDB_MODE (or WANDB_DISABLED) if set,
-    online with a login for the configured host (any server), else offline (synced later)."""
-    if cfg.wandb != "auto":
-        return cfg.wandb
+    online with a login for the configured host (any server), else offline (synced later).
+
+    An explicit choice gives way to a stricter environment (disabled > offline > online): WANDB_MODE=offline
+    is how compute nodes without a network are set up, and a config written elsewhere must not override it."""
+    env = None  # the environment's mode and the variable that sets it
     if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
-        return "disabled"
-    env = os.environ.get("WANDB_MODE")
+        env = ("disabled", f"WANDB_DISABLED={os.environ['WANDB_DISABLED']}")
+    elif os.environ.get("WANDB_MODE"):
+        value = os.environ["WANDB_MODE"]
+        env = ({"dryrun": "offline", "run": "online"}.get(value, value), f"WANDB_MODE={value}")
+    if cfg.wandb != "auto":
+        strictness = ("online", "offline", "disabled")  # a mode the list does not know (shared) changes nothing
+        if env and env[0] in strictness and strictness.index(env[0]) > strictness.index(cfg.wandb):
+            if warn:
+                logger.warning("log.wandb=%s, but %s in the environment: %s", cfg.wandb, env[1],
+                               "not logging to W&B" if env[0] == "disabled" else f"logging {env[0]}")
+            return env[0]
+        return cfg.wandb
     if env:
-        return {"dryrun": "offline", "run": "online"}.get(env, env)
+        return env[0]
     if logged_in():
         return "online"
     if warn:
@@ -194,16 +206,24 @@ def start_eval_tracking(accelerator: Accelerator, path: Path, out: Path, mode: s
                         new_run: bool = False) -> Optional[str]:
     """`eval.py --wandb`: continue the W&B run of the training that `path` belongs to, or (with `new_run`,
     or for an export outside a run) open a run of job type `eval`, in the training's project and group.
-    Returns the training's model artifact (`model-<id>:latest`) when there is a training run."""
+    Returns the version of the training's model artifact that is evaluated: `model-<id>:step-N` for the final
+    export (`latest` moves on when the run is resumed and exports again), `:best` for `best/`, None for a
+    snapshot (not logged as an artifact) or without a training run."""
     from .rundir import run_of
 
-    if mode == "auto":
-        mode = wandb_mode(LogConfig())
+    mode = wandb_mode(LogConfig(wandb=mode))  # a stricter WANDB_MODE / WANDB_DISABLED wins over --wandb too
     if mode == "disabled" or not accelerator.is_main_process:
         return None
     run_dir = run_of(path)
     training = json.loads((run_dir / RUN_FILE).read_text()) if run_dir and (run_dir / RUN_FILE).is_file() else None
-    model_artifact = f"model-{training['id']}:latest" if training else None
+    model_artifact = None
+    export = Path(path).relative_to(run_dir).parts if training else None  # () is the run dir: its pipeline/
+    if export in ((), ("pipeline",)):
+        info = run_dir / "pipeline" / "training.json"
+        steps = json.loads(info.read_text()).get("steps") if info.is_file() else None
+        model_artifact = f"model-{training['id']}:" + (f"step-{steps}" if steps is not None else "latest")
+    elif export == ("best",):
+        model_artifact = f"model-{training['id']}:best"
     if training and not new_run:
         open_run(accelerator, training, mode, run_dir)
         return model_artifact
@@ -247,7 +267,7 @@ def log_comparison(runs: list[Path], rows: list[dict], grids: Path, mode: str, f
     in the first run's project and group. Returns the W&B run's id (None with W&B off)."""
     import wandb
 
-    mode = wandb_mode(LogConfig()) if mode == "auto" else mode
+    mode = wandb_mode(LogConfig(wandb=mode))  # a stricter WANDB_MODE / WANDB_DISABLED wins over --wandb
     if mode == "disabled":
         return None
     log = run_log_config(runs[0])

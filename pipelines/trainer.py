@@ -20,6 +20,7 @@ from .exports import save_pipeline
 from .grids import class_grid_labels, save_grid, write_grid
 from .loop import NonFiniteGuard, Upkeep, progress, steps_from
 from .model_card import GRID_FILE, TRAINING_FILE, write_model_card
+from .preemption import Preemption
 from .publish import check_can_push, push_run
 from .run import Run, start_run
 from .tracking import drop_stats_after, log_export
@@ -59,8 +60,8 @@ class Family(Protocol):
 class Training:
     """One run of one family: what the upkeep calls back into (grids, exports, evaluation, checkpoint state)."""
 
-    def __init__(self, run: Run, family: Family, step: int):
-        self.run, self.family = run, family
+    def __init__(self, run: Run, family: Family, step: int, preemption: Preemption):
+        self.run, self.family, self.preemption = run, family, preemption
         self.step = step  # completed optimizer steps, kept current by the loop
         self.grid_labels = class_grid_labels(run.data.num_classes, family.grid_per_class, run.device)
         self.evaluator = None
@@ -69,7 +70,8 @@ class Training:
 
             self.evaluator = TrainingEvaluator(accelerator=run.accelerator, cfg=run.cfg, output_dir=run.out,
                                                pipeline=family.pipeline, inference=self.inference,
-                                               export=self.export, call_kwargs=family.sample_kwargs)
+                                               export=self.export, call_kwargs=family.sample_kwargs,
+                                               preemption=preemption)
 
     def inference(self):
         """Eval mode, the EMA weights and their own statistics, for everything sampled or exported."""
@@ -104,17 +106,19 @@ class Training:
                 "mixed_precision": acc.mixed_precision}
 
     def log_exports(self) -> None:
-        """The final export (aliases `latest`, `step-N`) and `best/` (alias `best`) as model artifacts of the W&B run."""
+        """The final export (aliases `latest`, `step-N`) and `best/` (alias `best`) as model artifacts of the W&B run.
+
+        `best/` first: W&B's server gives `latest` to the version logged last, whatever the aliases asked."""
         cfg, acc, out = self.run.cfg, self.run.accelerator, self.run.out
         if not cfg.log.artifacts:
             return
         config = to_dict(cfg)
         last_eval = self.evaluator.last if self.evaluator is not None else None
-        log_export(acc, out / "pipeline", ["latest", f"step-{self.step}"],
-                   {**self.training_info(), "metrics": last_eval, "config": config})
         if (out / "best" / "best.json").is_file():
             log_export(acc, out / "best", ["best"], {**json.loads((out / "best" / "best.json").read_text()),
                                                      "config": config})
+        log_export(acc, out / "pipeline", ["latest", f"step-{self.step}"],
+                   {**self.training_info(), "metrics": last_eval, "config": config})
 
     def evaluate(self, epoch: int, step: int) -> None:
         if self.evaluator is not None:
@@ -129,6 +133,8 @@ def resume(run: Run, family: Family, resume_from: Optional[str]) -> int:
     """The step to start from: 0, or the checkpoint's, with every saved state put back."""
     checkpoint = resolve_resume(run.out, resume_from)
     if checkpoint is None:
+        if resume_from is not None and run.accelerator.is_main_process:
+            drop_stats_after(run.out, 0)  # an attempt killed before its first checkpoint: its steps run again
         return 0
     state, extra = load_checkpoint(run.accelerator, checkpoint)
     step = state["step"]
@@ -144,12 +150,13 @@ def resume(run: Run, family: Family, resume_from: Optional[str]) -> int:
 
 def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
     """Train `cfg` with the family `family_type` (`--resume`, `--overwrite` in `args`); returns the run directory."""
-    run = Run.open(cfg, args.resume, args.overwrite)  # run dir checked, Accelerator seeded, data on the device
+    run = Run.open(cfg, args.resume, args.overwrite, args.accept_config_changes)
     family = family_type(run)  # networks, optimizers, EMA, the training step
     run.accelerator.print(run.scaling_line(family.peak_rates()))
     step = resume(run, family, args.resume)
-    training = Training(run, family, step)
-    upkeep = Upkeep(run=run, tasks=training, guard=family.guard)
+    preemption = Preemption().install()  # SIGTERM from here on: a flag that the loop and the phases below read
+    training = Training(run, family, step, preemption)
+    upkeep = Upkeep(run=run, tasks=training, guard=family.guard, preemption=preemption)
     if run.accelerator.is_main_process:
         check_can_push(cfg.export)  # a token, not offline, a namespace it may write: known before hours of training
     start_run(run.accelerator, cfg, run.out, run.data)  # set-up passed: only now does the run write config.yaml and open W&B
@@ -162,22 +169,27 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
         step += 1
         training.step = step
         bar.update(1)
-        record = upkeep.after_step(step, metrics, **family.scalars())
+        record = upkeep.after_step(step, metrics, **family.scalars())  # checkpoints, and exits on a SIGTERM
         if record:
             bar.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in family.progress_keys})
     bar.close()
-    upkeep.finishing(step)  # the final checkpoint is written: SIGTERM from here on exits at once
+    upkeep.finishing(step)  # the final checkpoint is written: a SIGTERM from here on ends the run at a stop point
 
     # The final grid, the family's pictures and the export, all from the EMA weights if any.
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
+        upkeep.stop_point("draws the final pictures and writes the export")
         training.draw_grid("final", step)
+        upkeep.stop_point("draws the final pictures and writes the export")
         with training.inference():
             family.final_pictures(step)
+        upkeep.stop_point("writes the export")
         training.export(run.out / "pipeline")
+        upkeep.stop_point("logs the export" + (" and pushes it" if cfg.export.push_to_hub else ""))
         training.log_exports()
         run.accelerator.print(f"done: {step} steps; pipeline in {run.out / 'pipeline'}; grids in {run.out / 'grids'}")
     run.accelerator.end_training()
     if cfg.export.push_to_hub and run.accelerator.is_main_process:
+        upkeep.stop_point("pushes the export")
         push_run(run.out, cfg.export)  # last: a failed push leaves a finished run, and says how to push it again
     return run.out

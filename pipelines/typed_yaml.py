@@ -251,6 +251,7 @@ def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optiona
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        values.pop("dataset", None)  # a run's config.yaml: what identified its images, a fact and not an option
     values = _merge(values, parse_overrides(overrides or []))
     return config_from_dict(cls, values)
 

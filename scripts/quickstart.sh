@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and the two everyday commands, for a fresh machine:
 #   bash scripts/quickstart.sh demo   # install, get Fashion-MNIST, train and evaluate the cGAN and DDPM demos
-#   bash scripts/quickstart.sh test   # install, run the fast test suite
+#   bash scripts/quickstart.sh test   # install, run the fast test suite (--all: every test, as CI does)
 # The venv lives in .venv (override with VENV=...). Extra arguments go to pytest (test) .
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +40,12 @@ case "${1:-}" in
   test)
     setup
     shift
-    HF_HUB_OFFLINE=1 "$PY" -m pytest -m "not slow" -q "$@"
+    if [[ ${1:-} == --all ]]; then  # every test: the cluster, multi-process and end-to-end runs too
+      shift
+      HF_HUB_OFFLINE=1 "$PY" -m pytest -q --durations=15 "$@"
+    else
+      HF_HUB_OFFLINE=1 "$PY" -m pytest -m "not slow" -q "$@"
+    fi
     ;;
   *)
     echo "usage: bash scripts/quickstart.sh demo|test [pytest args]" >&2

@@ -11,6 +11,12 @@ FAULT is one of
     fill-disk-at-checkpoint:N:BYTES
                               as the N-th checkpoint starts, fill the output's filesystem up to BYTES free (ENOSPC)
     slow:SECONDS              sleep after each logged step (the results are unchanged), to give a signal time to land
+    slow-steps:SECONDS        sleep in every step, before its upkeep, and write the step number to `step.RANK`
+    slow-eval:SECONDS         in-training evaluations announce themselves (file `slow-eval`) and each of their
+                              sampling batches takes SECONDS longer (the evaluation's own checks run as usual)
+    slow-final:SECONDS        the final grid announces itself (file `slow-final`) and takes SECONDS longer
+    sigterm-in-swap:NAME      SIGTERM this process between the two renames that swap in the export NAME (best)
+    sigterm-in-ema-restore    SIGTERM this process as the EMA's training weights are put back after an evaluation
 
 Several faults may be given, separated by commas. The process writes its pid to `pid.RANK` in the
 working directory, so a test can signal one rank of a multi-process launch.
@@ -34,6 +40,8 @@ import safetensors.torch
 import torch
 
 import pipelines.checkpoints
+import pipelines.evaluation
+import pipelines.exports
 import pipelines.gan
 import pipelines.loop
 import pipelines.rundir
@@ -125,17 +133,76 @@ def install(fault: str) -> None:
                 f.truncate(0)
                 f.write(b"\0" * max(free - leave, 0))
         at_checkpoint(n, fill)
-    elif kind in ("slow-final", "slow-eval"):  # a long final grid / in-training evaluation, announced by a file
+    elif kind == "slow-final":  # a long final grid, announced by a file
         seconds = float(arg)
-        name = "draw_grid" if kind == "slow-final" else "evaluate"
-        real_method = getattr(pipelines.trainer.Training, name)
+        real_draw = pipelines.trainer.Training.draw_grid
 
-        def slow(self, *args):
-            if kind == "slow-eval" or args[0] == "final":
+        def slow(self, name, step):
+            if name == "final":
                 Path(kind).write_text("started")
                 time.sleep(seconds)
-            return real_method(self, *args)
-        setattr(pipelines.trainer.Training, name, slow)
+            return real_draw(self, name, step)
+        pipelines.trainer.Training.draw_grid = slow
+    elif kind == "slow-eval":  # a long in-training evaluation: each sampling batch slower, announced by a file
+        seconds = float(arg)
+        real_generate = pipelines.evaluation.generate
+
+        def generate(pipe, *args, **kwargs):
+            Path(kind).write_text("started")
+            real_call = type(pipe).__call__
+
+            def slow_call(self, *call_args, **call_kwargs):
+                time.sleep(seconds)
+                return real_call(self, *call_args, **call_kwargs)
+            type(pipe).__call__ = slow_call
+            try:
+                return real_generate(pipe, *args, **kwargs)
+            finally:
+                type(pipe).__call__ = real_call
+        pipelines.evaluation.generate = generate
+    elif kind == "slow-steps":  # every step slow: a SIGTERM lands between log steps
+        seconds = float(arg)
+        real_after_step = pipelines.loop.Upkeep.after_step
+        rank = os.environ.get("RANK", "0")
+
+        def after_step(self, step, *args, **kwargs):
+            time.sleep(seconds)
+            Path(f"step.{rank}").write_text(str(step))
+            return real_after_step(self, step, *args, **kwargs)
+        pipelines.loop.Upkeep.after_step = after_step
+    elif kind == "sigterm-in-swap":  # the signal between `NAME -> .old-NAME` and `.tmp-NAME -> NAME`
+        class SwapOs:
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            @staticmethod
+            def replace(src, dst):
+                os.replace(src, dst)
+                if Path(src).name == arg and Path(dst).name == f".old-{arg}":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.5)  # the handler runs now, inside the swap
+        pipelines.exports.os = SwapOs()
+    elif kind == "sigterm-in-ema-restore":  # the signal as the training weights come back after an evaluation
+        from diffusers.training_utils import EMAModel
+
+        real_restore, real_evaluate = EMAModel.restore, pipelines.trainer.Training.evaluate
+        evaluating = [False]
+
+        def restore(self, parameters):
+            if evaluating[0]:
+                evaluating[0] = False
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler runs now, before the weights are back
+            return real_restore(self, parameters)
+
+        def evaluate(self, *args):
+            evaluating[0] = True
+            try:
+                return real_evaluate(self, *args)
+            finally:
+                evaluating[0] = False
+        EMAModel.restore = restore
+        pipelines.trainer.Training.evaluate = evaluate
     elif kind == "unshared-on-rank":  # as if this rank's output_dir were a different, local folder
         real_sees = pipelines.rundir.sees_token
         blind = int(arg) == int(os.environ.get("RANK", "0"))

@@ -269,6 +269,10 @@ def test_a_constant_rate_checkpoint_resumed_with_a_schedule_says_so_and_is_kept(
     shutil.rmtree(resumed / "checkpoints" / "step_000000016")
     overrides = TINY + ["train.ema_decay=0.9", "optim.schedule=linear", "optim.decay_start=0.5"]
     assert run_script("train_cgan", CGANConfig, resumed, overrides, "--resume", "latest") != 0
+    assert "optim.schedule: 'constant' -> 'linear'" in capsys.readouterr().err  # another training: refused
+    # Accepted on purpose, the checkpoint still cannot give the schedules their state, and says why.
+    assert run_script("train_cgan", CGANConfig, resumed, overrides, "--resume", "latest",
+                      "--accept-config-changes") != 0
     err = capsys.readouterr().err
     assert "holds 0 LR schedule(s) but this run has 2" in err and "optim.schedule=constant" in err, err
     assert "corrupt" not in err and (resumed / "checkpoints" / "step_000000008" / "training_state.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -91,3 +92,79 @@ def test_fashion_mnist_defaults_reach_92_percent():
     """The default settings on real Fashion-MNIST (~2.5 min on 2 CPU cores)."""
     _, info = train_classifier(DataConfig(name="fashion_mnist"), log=lambda *_: None)
     assert info["test_accuracy"] >= 0.92, info
+
+
+def folder_state(folder) -> dict:
+    """Every file under `folder` with its bytes' hash and its modification time, and every folder's (which any
+    entry made or removed in it changes): what writing there changes."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest(),
+                                         p.stat().st_mtime_ns) for p in [folder, *sorted(folder.rglob("*"))]}
+
+
+def test_train_classifier_without_out_goes_to_the_cache_evaluations_use_not_into_the_package(tmp_path, monkeypatch,
+                                                                                             capsys):
+    from pipelines.eval_cli import train_classifier_main
+    from pipelines.evaluation import SHIPPED_CLASSIFIERS, classifier_cache_path, make_extractor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    package, names = folder_state(SHIPPED_CLASSIFIERS), {p.name for p in SHIPPED_CLASSIFIERS.iterdir()}
+    try:
+        assert train_classifier_main(["--data", "synthetic", "--epochs", "1"]) == 0
+        assert folder_state(SHIPPED_CLASSIFIERS) == package  # byte for byte, nothing added
+    finally:  # a failure here must not leave a classifier in the checkout's package
+        for added in {p.name for p in SHIPPED_CLASSIFIERS.iterdir()} - names:
+            shutil.rmtree(SHIPPED_CLASSIFIERS / added, ignore_errors=True)
+    data_cfg = DataConfig(name="synthetic")
+    cached = classifier_cache_path(data_cfg)
+    assert str(cached).startswith(str(tmp_path / "cache"))
+    _, info = load_classifier(cached)
+    assert info["epochs"] == 1 and info["data_identity"]["name"] == "synthetic"
+    printed = capsys.readouterr().out
+    assert f"saved to {cached}" in printed and "evaluations on this data use it" in printed
+    _, used = make_extractor("classifier", None, data_cfg, torch.device("cpu"))
+    assert used["classifier"] == str(cached)  # the one evaluations find, not trained again
+
+
+def test_train_classifier_leaves_a_shipped_classifier_as_it_was(trained, tmp_path, monkeypatch, capsys):
+    from pipelines.eval_cli import train_classifier_main
+    from pipelines.evaluation import classifier_cache_path
+
+    shipped = tmp_path / "package" / "classifiers"
+    save_classifier(*trained, shipped / "synthetic")  # as if one shipped for the synthetic set
+    monkeypatch.setattr("pipelines.evaluation.SHIPPED_CLASSIFIERS", shipped)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    before = folder_state(shipped)
+    assert train_classifier_main(["--data", "synthetic", "--epochs", "1"]) == 0
+    assert folder_state(shipped) == before
+    cached = classifier_cache_path(DataConfig(name="synthetic"))
+    assert load_classifier(cached)[1]["epochs"] == 1
+    printed = capsys.readouterr().out
+    assert (f"evaluations on synthetic keep using the classifier shipped in the package ({shipped / 'synthetic'}); "
+            f"to score with this one, give --classifier {cached}") in printed
+
+
+def test_a_class_subset_is_not_scored_by_the_shipped_classifier_of_all_classes(trained, tmp_path, monkeypatch,
+                                                                               caplog):
+    """`data.classes` relabels its classes 0..k-1: the shipped 10-class logits would score other labels."""
+    import logging
+
+    from pipelines.evaluation import classifier_cache_path, make_extractor
+    from pipelines.metrics import extract
+
+    shipped = tmp_path / "package" / "classifiers"
+    save_classifier(*trained, shipped / "synthetic")  # as if one shipped for the synthetic set
+    monkeypatch.setattr("pipelines.evaluation.SHIPPED_CLASSIFIERS", shipped)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    full = DataConfig(name="synthetic", synthetic_size=128)
+    _, used = make_extractor("classifier", None, full, torch.device("cpu"))
+    assert used["classifier"] == str(shipped / "synthetic")  # the data it was trained on: the shipped one
+    subset = DataConfig(name="synthetic", synthetic_size=128, classes=[0, 1])
+    with caplog.at_level(logging.WARNING, logger="pipelines.evaluation"):
+        extractor, used = make_extractor("classifier", None, subset, torch.device("cpu"))
+    assert used["classifier"] == str(classifier_cache_path(subset))
+    assert "knows all its classes, not data.classes=[0, 1]: training one" in caplog.text
+    _, logits = extract(torch.zeros(3, 1, 28, 28, dtype=torch.uint8), extractor, with_logits=True)
+    assert logits.shape == (3, 2)
+    assert load_classifier(used["classifier"])[1]["class_names"] == ["class_0", "class_1"]

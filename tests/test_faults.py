@@ -241,11 +241,12 @@ def sigterm_when_started(proc, marker, timeout=120):
     return time.time() - start, printed
 
 
-def test_sigterm_during_the_final_pictures_exits_at_once_and_resume_only_finishes(uninterrupted, tmp_path):
+def test_sigterm_during_the_final_pictures_exits_at_the_next_phase_and_resume_only_finishes(uninterrupted,
+                                                                                             tmp_path):
     out = tmp_path / "preempted"
-    proc = harness("cgan", out, "slow-final:300", wait=False)
+    proc = harness("cgan", out, "slow-final:3", wait=False)
     seconds, printed = sigterm_when_started(proc, tmp_path / "slow-final")
-    assert seconds < 20  # not the 300 s the final pictures would take
+    assert seconds < 3 + 15  # the grid being drawn ends; the pictures, the export and its logging do not start
     assert "SIGTERM after training: the checkpoint at step 32 is complete" in printed
     assert not (out / "pipeline").exists() and not list(out.glob(".tmp-*"))
     trained = logged_steps(out)
@@ -257,14 +258,16 @@ def test_sigterm_during_the_final_pictures_exits_at_once_and_resume_only_finishe
 
 def test_sigterm_during_an_evaluation_drops_it_checkpoints_and_resumes(classifier_dir, tmp_path):
     out = tmp_path / "preempted"
-    evaluated = [f"eval.classifier={classifier_dir}", "eval.num_per_class=4", "eval.every_epochs=1",
-                 "checkpoint.every_steps=1000"]
-    proc = harness("cgan", out, "slow-eval:300", *evaluated, wait=False)
+    # 10 sampling batches of 4 images, each 2 s slower: the evaluation would take 20 s more
+    evaluated = [f"eval.classifier={classifier_dir}", "eval.num_per_class=4", "eval.batch_size=4",
+                 "eval.every_epochs=1", "checkpoint.every_steps=1000"]
+    proc = harness("cgan", out, "slow-eval:2", *evaluated, wait=False)
     seconds, printed = sigterm_when_started(proc, tmp_path / "slow-eval")
-    assert seconds < 20
+    assert seconds < 12  # stopped between two of its batches
     assert "SIGTERM: the evaluation at epoch 1 was stopped" in printed
     assert "SIGTERM: saved a checkpoint at step 8" in printed
     assert [p.name for p in list_checkpoints(out)] == ["step_000000008"]
+    assert not (out / "best").exists()  # the stopped evaluation chose nothing
     assert run_script("train_cgan", CGANConfig, out, LONG + evaluated, "--resume", "latest") == 0
     records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss_d" in r] == list(range(1, 33))
@@ -484,14 +487,17 @@ def test_time_based_checkpoints_come_between_step_intervals(tmp_path):
 
 @pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts
 def test_two_processes_agree_on_time_based_checkpoints(tmp_path):
-    """Each process's clock fires at its own time; saving is collective, so they act together at log steps."""
+    """Each process's clock fires at its own time; saving is collective, so the wishes are pooled after every
+    step and all act on them one step later (whatever log.every_steps is): a clock due at every step saves at
+    every second step."""
     out = tmp_path / "two"
     result = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"],
                     [str(ROOT / "train_cgan.py"), f"output_dir={out}", "log.wandb=disabled", *TINY, "train.epochs=1",
                      "train.batch_size=16", "log.every_steps=3", "checkpoint.every_minutes=1e-9",
                      "checkpoint.keep=100"])
     assert result.returncode == 0, result.report
-    assert [p.name for p in list_checkpoints(out)] == ["step_000000003", "step_000000006", "step_000000008"]
+    assert [p.name for p in list_checkpoints(out)] == ["step_000000002", "step_000000004", "step_000000006",
+                                                       "step_000000008"]
 
 
 # The sizes of the tiny cGAN's checkpoint files: model.safetensors (G) ~101 kB, model_1 (D) ~42 kB,

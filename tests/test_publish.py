@@ -142,6 +142,59 @@ def test_a_failed_push_says_why_and_leaves_the_local_export_as_it_was(breakage, 
     assert not any(c["summary"] for r in hub.repos.values() for c in r.commits)  # nothing was committed
 
 
+@pytest.mark.parametrize("private, flag", [(True, "--private"), (False, "--public"), (None, None)],
+                         ids=["private", "public", "hub_default"])
+def test_the_retry_command_of_a_failed_push_keeps_the_visibility(private, flag, run, hub, capsys):
+    """Followed as printed, the retry makes the repository that was asked for: without --private, a public one."""
+    import shlex
+
+    hub.down = True
+    assert main([str(run), "--repo-id", "tiny-cgan", *([flag] if flag else [])]) == 2
+    err = capsys.readouterr().err
+    command = err.split("push it later with: ", 1)[1].strip()
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "pipelines.publish"]
+    assert ("--private" in argv, "--public" in argv) == (private is True, private is False)
+    hub.down = False
+    assert main(argv[3:]) == 0
+    assert hub.repos["alice/tiny-cgan"].private is bool(private)
+    assert hub.files("alice/tiny-cgan") == contents(run / "pipeline")
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit], ids=lambda e: e.__name__)
+def test_a_push_killed_during_the_upload_leaves_the_export_as_it_was(interrupt, run, hub, monkeypatch):
+    """An interrupt is no Exception: nothing may need putting back, as a SIGTERM (which kills the process at
+    once) puts nothing back. The pushed folder is a staging copy, removed on the way out."""
+    before, entries = contents(run / "pipeline"), sorted(p.name for p in run.iterdir())
+    put = hub._lfs_put
+
+    def killed_midway(request):
+        put(request)  # one file went up
+        raise interrupt()
+
+    monkeypatch.setattr(hub, "_lfs_put", killed_midway)
+    with pytest.raises(interrupt):
+        publish(run / "pipeline", "alice/tiny-cgan")
+    assert ("POST", "/alice/tiny-cgan.git/info/lfs/objects/batch") in hub.calls  # it died during the upload
+    assert contents(run / "pipeline") == before  # byte for byte, its card too
+    assert sorted(p.name for p in run.iterdir()) == entries  # no staging folder left behind
+    assert not hub.repos["alice/tiny-cgan"].commits
+
+
+def test_the_staging_copy_links_the_exports_files_but_never_its_card(run):
+    """Hard links share the bytes: a card written into the staging copy, even in place, must not reach the export's."""
+    from pipelines.publish import stage
+
+    export = run / "pipeline"
+    card = (export / "README.md").read_bytes()
+    staging = stage(export, run.parent / "staging" / "pipeline")
+    (staging / "README.md").write_text("the repository's card")  # in place, as any writer may
+    assert (export / "README.md").read_bytes() == card
+    weights = "model/diffusion_pytorch_model.safetensors"
+    assert (staging / weights).stat().st_ino == (export / weights).stat().st_ino  # linked, not copied
+    assert set(contents(staging)) == set(contents(export))
+
+
 def test_someone_elses_repository_is_refused_before_anything_is_created(run, hub):
     hub.repos["bob/cgan"] = hub_fake.Repo(owner="bob", private=False)
     with pytest.raises(PublishError, match="bob/cgan belongs to 'bob', and this token is 'alice''s .* "

@@ -202,3 +202,33 @@ def test_multinode_script_is_requeued_at_the_time_limit_warning_and_the_requeued
     training = json.loads((out / "pipeline" / "training.json").read_text())
     assert (training["processes"], training["mixed_precision"]) == (2, "no")  # MIXED_PRECISION over the file's bf16
     assert cluster.calls().count(f"scontrol requeue {JOB_ID}") == 1  # a finished run is not requeued
+
+
+@pytest.mark.slow  # three job-array tasks: two trainings and a report, about 2 minutes here
+def test_a_study_as_a_job_array_trains_one_run_per_task_and_the_last_task_writes_the_report(cluster, tmp_path,
+                                                                                            classifier_dir):
+    """scripts/slurm/study_array.sbatch: each array task trains its run of a sweep file (with --resume latest, as
+    every start does); the report appears when the last run is finished, whichever task that is."""
+    import yaml
+
+    from test_sweep import write_sweep
+
+    study = write_sweep(tmp_path / "study.yaml", classifier_dir)
+    count = subprocess.run([sys.executable, "-m", "pipelines.sweep", str(study), "--count"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout
+    assert count.strip() == "2"
+    runs = yaml.safe_load(study.read_text())["parameters"]["loss.name"]["values"]
+    one = {"STUDY": str(study), "SWEEP_ARGS": "--inception no", "SLURM_NNODES": "1"}
+    printed = cluster.run("study_array.sbatch", SLURM_ARRAY_TASK_ID="1", **one)
+    assert f"training {runs[1]}_emb8" in printed and "1 of 2 runs finished" in printed
+    assert (tmp_path / "runs" / f"{runs[1]}_emb8" / "pipeline" / "model_index.json").is_file()
+    assert not (tmp_path / "runs" / "report" / "report.md").exists()
+    printed = cluster.run("study_array.sbatch", SLURM_ARRAY_TASK_ID="0", **one)
+    assert f"training {runs[0]}_emb8" in printed
+    report = (tmp_path / "runs" / "report" / "report.md").read_text()
+    assert all(f"{name}_emb8" in report for name in runs)
+    printed = cluster.run("study_array.sbatch", SLURM_ARRAY_TASK_ID="0", **one)  # a task started again
+    assert f"{runs[0]}_emb8 is finished" in printed and f"training {runs[0]}" not in printed
+    proc = cluster.start("study_array.sbatch", SLURM_ARRAY_TASK_ID="2", **one)
+    assert cluster.wait(proc) and proc.returncode == 2
+    assert "--task 2: the study has 2 runs (valid: 0..1)" in proc.log.read_text()

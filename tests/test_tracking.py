@@ -85,7 +85,42 @@ def test_auto_defers_to_the_users_wandb_setup(setup, expected, wandb_home, monke
         assert wandb_mode(LogConfig(wandb="auto")) == expected
     falls_back = expected == "offline" and "WANDB_MODE" not in setup
     assert ("no W&B login for https://api.wandb.ai" in caplog.text) == falls_back  # the one line, only then
-    assert wandb_mode(LogConfig(wandb="offline")) == "offline"  # an explicit choice is kept
+    explicit = "disabled" if expected == "disabled" else "offline"  # kept, unless the environment is stricter
+    assert wandb_mode(LogConfig(wandb="offline")) == explicit
+
+
+STRICTNESS = ["online", "offline", "disabled"]
+
+
+@pytest.mark.parametrize("configured", STRICTNESS)
+@pytest.mark.parametrize("setup, env_mode", [
+    ({}, None),
+    ({"WANDB_MODE": "online"}, "online"),
+    ({"WANDB_MODE": "run"}, "online"),
+    ({"WANDB_MODE": "offline"}, "offline"),
+    ({"WANDB_MODE": "dryrun"}, "offline"),
+    ({"WANDB_MODE": "disabled"}, "disabled"),
+    ({"WANDB_DISABLED": "true"}, "disabled"),
+    ({"WANDB_DISABLED": "true", "WANDB_MODE": "online"}, "disabled"),
+], ids=["no_env", "env_online", "env_run", "env_offline", "env_dryrun", "env_disabled", "wandb_disabled",
+        "wandb_disabled_beats_mode"])
+def test_an_explicit_choice_gives_way_to_a_stricter_environment(configured, setup, env_mode, monkeypatch, caplog):
+    """The stricter of log.wandb and the environment wins (disabled > offline > online), with one line then."""
+    for name, value in setup.items():
+        monkeypatch.setenv(name, value)
+    cfg = LogConfig(wandb=configured)
+    expected = max(configured, env_mode or configured, key=STRICTNESS.index)
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking"):
+        assert wandb_mode(cfg) == expected
+    lines = [r.getMessage() for r in caplog.records]
+    if expected == configured:
+        assert lines == []
+    else:
+        variable = "WANDB_DISABLED=true" if "WANDB_DISABLED" in setup else f"WANDB_MODE={setup['WANDB_MODE']}"
+        what = "not logging to W&B" if expected == "disabled" else f"logging {expected}"
+        assert lines == [f"log.wandb={configured}, but {variable} in the environment: {what}"]
+    caplog.clear()
+    assert wandb_mode(cfg, warn=False) == expected and caplog.records == []  # run.py's quiet call
 
 
 def test_wandb_mode_disabled_in_the_environment_logs_nothing(tmp_path, monkeypatch):
@@ -173,7 +208,7 @@ def test_the_offline_run_holds_the_exports_as_model_artifacts(evaluated_run):
     [run] = offline_runs(evaluated_run)
     assert run.run.run_group == "study-x" and run.run.job_type == "train"
     logged = [a for a in run.artifacts if a.type == "model"]
-    assert len(logged) == 2  # W&B adds "latest" to each version it logs: the newest (best/) keeps it
+    assert len(logged) == 2  # W&B adds "latest" to each version it logs: the server keeps it on the last one
     models = {("latest", "step-8") if "step-8" in a.aliases else ("best",): a for a in logged}
     assert set(models) == {("latest", "step-8"), ("best",)} and "best" in models[("best",)].aliases
     for artifact in models.values():
@@ -184,6 +219,13 @@ def test_the_offline_run_holds_the_exports_as_model_artifacts(evaluated_run):
     assert final["steps"] == 8 and final["config"]["log"]["group"] == "study-x" and "eval/fid" in final["metrics"]
     best = json.loads(models[("best",)].metadata)
     assert best["metric"] == "fid" and "best.json" in {e.path for e in models[("best",)].manifest.contents}
+
+
+def test_best_is_logged_before_the_final_export_so_latest_names_the_final_export(evaluated_run):
+    """W&B's server moves `latest` to the version logged last, whatever aliases the records carry."""
+    [run] = offline_runs(evaluated_run)
+    logged = [a for a in run.artifacts if a.type == "model"]  # in the order the run logged them
+    assert [("best" in a.aliases, "step-8" in a.aliases) for a in logged] == [(True, False), (False, True)]
 
 
 def test_every_evaluation_logs_a_per_class_table_and_the_best_values_summarise(evaluated_run):
@@ -219,7 +261,55 @@ def test_eval_on_a_run_logs_into_the_same_wandb_run(evaluated_run, classifier_di
     assert row["eval/per_class/_type"] == "table-file"
     [artifact] = [a for a in evaluation.artifacts if a.type == "evaluation"]
     assert {e.path for e in artifact.manifest.contents} == {"metrics.json", "grid.png"}
-    assert json.loads(artifact.metadata)["model_artifact"] == f"model-{training.id}:latest"
+    assert json.loads(artifact.metadata)["model_artifact"] == f"model-{training.id}:step-8"  # the version evaluated
+
+
+@pytest.mark.parametrize("evaluated, version", [
+    ("", "step-12"), ("pipeline", "step-12"), ("best", "best"), ("snapshots/epoch_003", None),
+    ("no-training-json", "latest"),
+], ids=["run_dir", "pipeline", "best", "snapshot", "pipeline_without_training_json"])
+def test_eval_links_the_version_of_the_export_it_evaluates(evaluated, version, tmp_path):
+    """`latest` moves on when a resumed run exports again; a snapshot is no artifact at all."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from pipelines.tracking import start_eval_tracking
+
+    run_dir = tmp_path / "run"
+    for folder in ("pipeline", "best", "snapshots/epoch_003"):
+        (run_dir / folder).mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("log:\n  group: study-x\n")
+    (run_dir / RUN_FILE).write_text(json.dumps({"id": "abcd1234", "project": "p", "entity": None, "name": "run"}))
+    if evaluated == "no-training-json":
+        evaluated = "pipeline"
+    else:
+        (run_dir / "pipeline" / "training.json").write_text(json.dumps({"steps": 12}))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    model_artifact = start_eval_tracking(accelerator, run_dir / evaluated, tmp_path / "eval", "offline")
+    accelerator.end_training()
+    assert model_artifact == (f"model-abcd1234:{version}" if version else None)
+    assert [run.id for run in offline_runs(run_dir)] == ["abcd1234"]  # logged into the training's run all the same
+
+
+def test_eval_wandb_gives_way_to_a_stricter_environment_too(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from pipelines.tracking import start_eval_tracking
+
+    run_dir = tmp_path / "run"
+    (run_dir / "pipeline").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("log: {}\n")
+    (run_dir / RUN_FILE).write_text(json.dumps({"id": "abcd1234", "project": "p", "entity": None, "name": "run"}))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    assert start_eval_tracking(accelerator, run_dir, tmp_path / "eval", "offline") is None  # `eval.py --wandb offline`
+    accelerator.end_training()
+    assert not (run_dir / "wandb").exists() and not (tmp_path / "eval").exists()
 
 
 def test_artifacts_can_be_turned_off(tmp_path):

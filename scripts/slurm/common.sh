@@ -12,8 +12,9 @@
 #   PYTHON           the interpreter with the project      (.venv/bin/python if there, else python)
 #   REQUEUE          1: requeue the job when Slurm's time-limit warning (USR1) stopped the run (1)
 #   REPO_DIR         the repository                        (the directory sbatch was run from)
-# Arguments after the sbatch file name go to the trainer (overrides, --overwrite, ...).
-# Every start passes --resume latest: the first starts at step 0, a requeued one continues.
+# Arguments after the sbatch file name go to the trainer (dotted overrides).
+# Every start passes --resume latest: the first starts at step 0, a requeued one continues. A job never deletes
+# a run (the trainer refuses --overwrite with --resume): to start again, choose a new output_dir.
 
 set -euo pipefail
 cd "${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
@@ -60,7 +61,7 @@ on_warning() {
 # (Slurm sends SIGTERM to every process of the job itself), is not requeued by this script.
 run_job() {
   echo "$(date '+%F %T') job ${SLURM_JOB_ID:-none} start ${SLURM_RESTART_COUNT:-0} on $NNODES node(s) x" \
-       "$GPUS_PER_NODE process(es), port $MASTER_PORT: ${TRAIN_ARGS[*]}"
+       "$GPUS_PER_NODE process(es), port $MASTER_PORT: $*"
   trap on_warning USR1
   "$@" &
   child=$!
