@@ -18,8 +18,15 @@ from .rundir import RunDirError
 USER_ERRORS = (ConfigError, DataError, RunDirError, FloatingPointError, PublishError)
 
 
-def parse_args(doc: str, argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, argv: Optional[list[str]] = None, config_cls: Optional[type] = None) -> argparse.Namespace:
+    epilog = None
+    if config_cls is not None:
+        from .config_help import config_help
+
+        epilog = ("config fields (override any with section.key=value; --help-config SECTION shows one section):\n"
+                  + config_help(config_cls))
+    parser = argparse.ArgumentParser(description=doc, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file describing the run (configs/...); defaults apply without one")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
     parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest or a given checkpoint")
@@ -29,13 +36,24 @@ def parse_args(doc: str, argv: Optional[list[str]] = None) -> argparse.Namespace
                         help="with --resume: continue even though the model, objective, optimizer, data, batch or "
                              "seed differ from the run's config.yaml (refused otherwise; other changes are printed)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
+                        help="list the config fields (of one section: data, train, model, ...) and exit")
     return parser.parse_intermixed_args(argv)
 
 
 def run_cli(config_cls: type, train: Callable, doc: str, argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipelines").setLevel(logging.INFO)
-    args = parse_args(doc, argv)
+    args = parse_args(doc, argv, config_cls)
+    if args.help_config is not None:
+        from .config_help import config_help
+
+        try:
+            print(config_help(config_cls, args.help_config or None))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
         if args.dry_run:

@@ -10,7 +10,7 @@ import sys
 from functools import partial
 from typing import Callable, Optional
 
-TRAIN_CGAN = """Train a conditional GAN (transposed_conv or upsample_conv networks; BCE, WGAN-GP, LSGAN or hinge loss).
+TRAIN_CGAN = """Train a conditional GAN ({archs} networks; {losses} losses).
 
     python train_cgan.py (or ccg-train-cgan) --config configs/cgan/demo_cpu.yaml [section.key=value ...]
     accelerate launch train_cgan.py --config configs/cgan/report_a.yaml train.mixed_precision=bf16
@@ -20,7 +20,8 @@ Writes to `output_dir`: config.yaml, stats.jsonl, grids/ (one row per class, eve
 checkpoints/, and pipeline/ (a `CGANPipeline` for `from_pretrained`).
 """
 
-TRAIN_DDPM = """Train a class-conditional diffusion model (diffusers UNet2DModel + DDPMScheduler) with classifier-free guidance.
+TRAIN_DDPM = """Train a class-conditional diffusion model (diffusers UNet2DModel + DDPMScheduler) with classifier-free guidance
+({predictions} prediction; {samplers} samplers).
 
     python train_ddpm.py (or ccg-train-ddpm) --config configs/ddpm/demo_cpu.yaml [section.key=value ...]
     accelerate launch train_ddpm.py --config configs/ddpm/report_c_cifar10.yaml train.mixed_precision=bf16
@@ -35,19 +36,25 @@ checkpoints/, pictures (schedule, loss curve, denoising strip, samples), and pip
 def train_cgan(argv: Optional[list[str]] = None) -> int:
     from .cli import run_cli
     from .config import CGANConfig
+    from .config_help import choices
     from .gan import CGAN
     from .trainer import fit
 
-    return run_cli(CGANConfig, partial(fit, CGAN), TRAIN_CGAN, argv)
+    doc = TRAIN_CGAN.format(archs=", ".join(choices(CGANConfig, "model.arch")),
+                            losses=", ".join(choices(CGANConfig, "loss.name")))
+    return run_cli(CGANConfig, partial(fit, CGAN), doc, argv)
 
 
 def train_ddpm(argv: Optional[list[str]] = None) -> int:
     from .cli import run_cli
     from .config import DDPMConfig
+    from .config_help import choices
     from .diffusion import DDPM
     from .trainer import fit
 
-    return run_cli(DDPMConfig, partial(fit, DDPM), TRAIN_DDPM, argv)
+    doc = TRAIN_DDPM.format(predictions=", ".join(choices(DDPMConfig, "diffusion.prediction_type")),
+                            samplers=", ".join(choices(DDPMConfig, "diffusion.sample_scheduler")))
+    return run_cli(DDPMConfig, partial(fit, DDPM), doc, argv)
 
 
 def evaluate(argv: Optional[list[str]] = None) -> int:

@@ -15,6 +15,7 @@ from .rundir import snapshot_dir
 from .tracking import write_stats
 
 if TYPE_CHECKING:
+    from .console import TrainingProgress
     from .run import Run
 
 
@@ -134,13 +135,6 @@ def steps_from(loader, step: int, total_steps: int, accumulation: int = 1) -> It
             step += 1
 
 
-def progress(accelerator: Accelerator, total: int, initial: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
-                dynamic_ncols=True)
-
-
 class UpkeepTasks(Protocol):
     """The run's own work that the upkeep schedules (`trainer.Training` does it)."""
 
@@ -148,7 +142,7 @@ class UpkeepTasks(Protocol):
 
     def export(self, path: Path) -> None: ...  # the pipeline with the EMA weights, written atomically
 
-    def evaluate(self, epoch: int, step: int) -> None: ...  # on the main process; the others wait
+    def evaluate(self, epoch: int, step: int) -> Optional[dict]: ...  # on the main process (its record); others wait
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]: ...  # EMA and other state for the checkpoint
 
@@ -159,10 +153,11 @@ class Upkeep:
     Metrics arrive as device tensors and are read (one host sync) only when a log is due.
     """
 
-    def __init__(self, *, run: "Run", tasks: UpkeepTasks, guard: NonFiniteGuard, preemption: Preemption):
+    def __init__(self, *, run: "Run", tasks: UpkeepTasks, guard: NonFiniteGuard, preemption: Preemption,
+                 progress: Optional["TrainingProgress"] = None):
         self.acc, self.cfg, self.out = run.accelerator, run.cfg, run.out
         self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
-        self.tasks, self.guard, self.preemption = tasks, guard, preemption
+        self.tasks, self.guard, self.preemption, self.progress = tasks, guard, preemption, progress
         self.clock = run.clock
         self.ckpt_clock = WallClock(self.cfg.checkpoint.every_minutes)
         self.consensus = StepConsensus(self.acc.num_processes, self.cfg.train.process_group_timeout_minutes)
@@ -201,7 +196,9 @@ class Upkeep:
         if every and end_of_epoch and (epoch % every == 0 or last):
             try:
                 if not self.preemption.requested:
-                    self.tasks.evaluate(epoch, step)  # the main process evaluates; the others wait for it
+                    evaluated = self.tasks.evaluate(epoch, step)  # the main process evaluates; the others wait
+                    if self.progress is not None:
+                        self.progress.evaluated(evaluated)
             except StopRequested:  # checked between its batches: dropped, the checkpoint and exit follow
                 self.acc.print(f"SIGTERM: the evaluation at epoch {epoch} was stopped")
             self.acc.wait_for_everyone()

@@ -18,7 +18,8 @@ from .checkpoints import load_checkpoint, resolve_resume
 from .ema import ema_state, inference_mode, load_ema_state
 from .exports import save_pipeline
 from .grids import class_grid_labels, save_grid, write_grid
-from .loop import NonFiniteGuard, Upkeep, progress, steps_from
+from .console import RunLog, TrainingProgress
+from .loop import NonFiniteGuard, Upkeep, steps_from
 from .model_card import GRID_FILE, TRAINING_FILE, write_model_card
 from .preemption import Preemption
 from .publish import check_can_push, push_run
@@ -120,9 +121,11 @@ class Training:
         log_export(acc, out / "pipeline", ["latest", f"step-{self.step}"],
                    {**self.training_info(), "metrics": last_eval, "config": config})
 
-    def evaluate(self, epoch: int, step: int) -> None:
-        if self.evaluator is not None:
-            self.evaluator(epoch, step)
+    def evaluate(self, epoch: int, step: int) -> Optional[dict]:
+        if self.evaluator is None:
+            return None
+        self.evaluator(epoch, step)
+        return self.evaluator.last
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
         ema = self.family.ema
@@ -149,35 +152,46 @@ def resume(run: Run, family: Family, resume_from: Optional[str]) -> int:
 
 
 def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
-    """Train `cfg` with the family `family_type` (`--resume`, `--overwrite` in `args`); returns the run directory."""
+    """Train `cfg` with the family `family_type` (`--resume`, `--overwrite` in `args`); returns the run directory.
+    What the main process prints goes to `train.log` in the run directory too."""
+    with RunLog() as log:
+        return _fit(family_type, cfg, args, log)
+
+
+def _fit(family_type: type, cfg: Any, args: argparse.Namespace, log: RunLog) -> Path:
     run = Run.open(cfg, args.resume, args.overwrite, args.accept_config_changes)
     family = family_type(run)  # networks, optimizers, EMA, the training step
     run.accelerator.print(run.scaling_line(family.peak_rates()))
     step = resume(run, family, args.resume)
     preemption = Preemption().install()  # SIGTERM from here on: a flag that the loop and the phases below read
     training = Training(run, family, step, preemption)
-    upkeep = Upkeep(run=run, tasks=training, guard=family.guard, preemption=preemption)
-    if run.accelerator.is_main_process:
+    acc = run.accelerator
+    progress = TrainingProgress(total=run.total_steps, initial=step, desc=family.name,
+                                steps_per_epoch=run.steps_per_epoch, keys=family.progress_keys,
+                                images_per_step=cfg.train.batch_size * run.accumulation * acc.num_processes,
+                                show=acc.is_local_main_process, log=log)
+    upkeep = Upkeep(run=run, tasks=training, guard=family.guard, preemption=preemption, progress=progress)
+    if acc.is_main_process:
         check_can_push(cfg.export)  # a token, not offline, a namespace it may write: known before hours of training
-    start_run(run.accelerator, cfg, run.out, run.data)  # set-up passed: only now does the run write config.yaml and open W&B
+    start_run(acc, cfg, run.out, run.data)  # set-up passed: only now does the run write config.yaml and open W&B
+    log.attach(run.out)  # and train.log, with what was printed so far
 
-    bar = progress(run.accelerator, run.total_steps, step, family.name)
     for _, micro_batches in steps_from(run.loader, step, run.total_steps, run.accumulation):
         if cfg.train.compile:  # a new step: CUDA graphs (on CUDA) may reuse the last step's outputs, all read by
             torch.compiler.cudagraph_mark_step_begin()  # now; without graphs this only counts the step
         metrics = family.train_step(step, micro_batches, measure_grads=(step + 1) % cfg.log.every_steps == 0)
         step += 1
         training.step = step
-        bar.update(1)
+        progress.update()
         record = upkeep.after_step(step, metrics, **family.scalars())  # checkpoints, and exits on a SIGTERM
         if record:
-            bar.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in family.progress_keys})
-    bar.close()
+            progress.logged(record)
+    progress.close()
     upkeep.finishing(step)  # the final checkpoint is written: a SIGTERM from here on ends the run at a stop point
 
     # The final grid, the family's pictures and the export, all from the EMA weights if any.
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
         upkeep.stop_point("draws the final pictures and writes the export")
         training.draw_grid("final", step)
         upkeep.stop_point("draws the final pictures and writes the export")
@@ -187,9 +201,9 @@ def fit(family_type: type, cfg: Any, args: argparse.Namespace) -> Path:
         training.export(run.out / "pipeline")
         upkeep.stop_point("logs the export" + (" and pushes it" if cfg.export.push_to_hub else ""))
         training.log_exports()
-        run.accelerator.print(f"done: {step} steps; pipeline in {run.out / 'pipeline'}; grids in {run.out / 'grids'}")
-    run.accelerator.end_training()
-    if cfg.export.push_to_hub and run.accelerator.is_main_process:
+        acc.print(f"done: {step} steps; pipeline in {run.out / 'pipeline'}; grids in {run.out / 'grids'}")
+    acc.end_training()
+    if cfg.export.push_to_hub and acc.is_main_process:
         upkeep.stop_point("pushes the export")
         push_run(run.out, cfg.export)  # last: a failed push leaves a finished run, and says how to push it again
     return run.out
