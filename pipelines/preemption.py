@@ -55,8 +55,9 @@ class StepConsensus:
         if num_processes > 1:
             import torch.distributed as dist
 
-            if dist.get_backend() != "gloo":  # NCCL: a gloo group beside it keeps the flags off the device
-                self.group = dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+            # A gloo group of its own, whatever the run's backend (NCCL on GPUs): the flags stay on the host, and
+            # the line runs the same on CPUs as on GPUs.
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
 
     def pooled(self, wants_checkpoint: bool, preempted: bool) -> tuple[bool, bool]:
         """The pooled (checkpoint, preempted) to act on now. Call once per step on every process."""
