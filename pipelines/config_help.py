@@ -28,7 +28,7 @@ def comments_of(cls: type) -> dict[str, str]:
         match = FIELD_LINE.match(line)
         if match and match.group(1) in names and match.group(1) not in found:
             found[match.group(1)] = (match.group("comment") or " ".join(above)).strip()
-        above = [] if not stripped.startswith("#") else above
+        above = []
     return found
 
 

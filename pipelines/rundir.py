@@ -94,7 +94,10 @@ def recover_interrupted_writes(out: Path) -> list[str]:
                 os.replace(old, target)
                 said.append(f"{target} was being replaced when the run stopped: the previous copy is put back")
         for tmp in sorted([*folder.glob(".tmp-*"), *folder.glob(".*.push-*")]):  # .X.push-*: a push's staging copy
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             said.append(f"removed {tmp}, a write that was cut short")
     return said
 
