@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -130,8 +131,10 @@ def train_classifier(data_cfg: DataConfig, epochs: int = 8, batch_size: int = 12
             optimizer.step()
             scheduler.step()
             total += loss.detach()
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
         log(f"classifier epoch {epoch + 1}/{epochs}: train loss {total.item() / len(loader):.4f} "
-            f"({time.perf_counter() - start:.0f}s)")
+            f"({elapsed:.0f}s, ETA {timedelta(seconds=round(eta))})")
     train_seconds = time.perf_counter() - start
     accuracy, per_class = evaluate(model, test)
     log(f"classifier test accuracy {accuracy:.4f} on {len(test)} images")

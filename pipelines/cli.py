@@ -27,7 +27,8 @@ def parse_args(doc: str, argv: Optional[list[str]] = None, config_cls: Optional[
                   + config_help(config_cls))
     parser = argparse.ArgumentParser(description=doc, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file describing the run (configs/...); defaults apply without one")
+    parser.add_argument("--config", help="a shipped recipe's name (cgan/demo_cpu; `python -m pipelines recipes` lists them) or a YAML "
+                             "file; defaults apply without one")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
     parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest or a given checkpoint")
     parser.add_argument("--overwrite", action="store_true",

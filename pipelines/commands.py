@@ -1,7 +1,7 @@
 """The user commands. `pip install` puts them on the PATH; `python -m pipelines COMMAND` and the
 top-level scripts (`train_cgan.py`, `train_ddpm.py`, `eval.py`) run the same functions.
 
-    ccg-train-cgan  ccg-train-ddpm  ccg-eval  ccg-generate  ccg-sweep  ccg-publish
+    ccg-train-cgan  ccg-train-ddpm  ccg-eval  ccg-generate  ccg-sweep  ccg-publish  ccg-recipes
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 TRAIN_CGAN = """Train a conditional GAN ({archs} networks; {losses} losses).
 
-    python train_cgan.py (or ccg-train-cgan) --config configs/cgan/demo_cpu.yaml [section.key=value ...]
-    accelerate launch train_cgan.py --config configs/cgan/report_a.yaml train.mixed_precision=bf16
+    python train_cgan.py (or ccg-train-cgan) --config cgan/demo_cpu [section.key=value ...]
+    accelerate launch train_cgan.py --config cgan/report_a train.mixed_precision=bf16
     python train_cgan.py --config ... --resume latest
 
 Writes to `output_dir`: config.yaml, stats.jsonl, grids/ (one row per class, every epoch),
@@ -23,8 +23,8 @@ checkpoints/, and pipeline/ (a `CGANPipeline` for `from_pretrained`).
 TRAIN_DDPM = """Train a class-conditional diffusion model (diffusers UNet2DModel + DDPMScheduler) with classifier-free guidance
 ({predictions} prediction; {samplers} samplers).
 
-    python train_ddpm.py (or ccg-train-ddpm) --config configs/ddpm/demo_cpu.yaml [section.key=value ...]
-    accelerate launch train_ddpm.py --config configs/ddpm/report_c_cifar10.yaml train.mixed_precision=bf16
+    python train_ddpm.py (or ccg-train-ddpm) --config ddpm/demo_cpu [section.key=value ...]
+    accelerate launch train_ddpm.py --config ddpm/report_c_cifar10 train.mixed_precision=bf16
     python train_ddpm.py --config ... --resume latest
 
 Writes to `output_dir`: config.yaml, stats.jsonl, grids/ (DDIM samples, one row per class),
@@ -75,6 +75,12 @@ def publish(argv: Optional[list[str]] = None) -> int:
     return main(argv)
 
 
+def recipes(argv: Optional[list[str]] = None) -> int:
+    from .recipes import main
+
+    return main(argv)
+
+
 def sweep(argv: Optional[list[str]] = None) -> int:
     from .sweep import main
 
@@ -83,7 +89,7 @@ def sweep(argv: Optional[list[str]] = None) -> int:
 
 COMMANDS: dict[str, Callable[[Optional[list[str]]], int]] = {
     "train-cgan": train_cgan, "train-ddpm": train_ddpm, "eval": evaluate, "generate": generate, "sweep": sweep,
-    "publish": publish,
+    "publish": publish, "recipes": recipes,
 }
 
 

@@ -1,8 +1,8 @@
 """The run configuration's schema: one dataclass tree per model family (`CGANConfig`, `DDPMConfig`).
 
 The sections every family shares are `RunConfig`'s; each family adds its model, loss and optimizer
-sections. Files in `configs/` are read with `load_config` (`typed_yaml`: YAML plus dotted
-overrides, every key, type and choice checked before any work starts).
+sections. Recipes (the shipped ones by name, see `recipes.py`, or any file) are read with `load_config`
+(`typed_yaml`: YAML plus dotted overrides, every key, type and choice checked before any work starts).
 """
 
 from __future__ import annotations
@@ -10,10 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from . import typed_yaml
+from .recipes import recipe_path
 from .typed_yaml import (  # noqa: F401 (the config API is used through this module)
-    ConfigError, check_at_least, check_positive, config_from_dict, expand_output_dir, load_config, parse_overrides,
-    renamed, save_config, to_dict,
+    ConfigError, check_at_least, check_positive, config_from_dict, expand_output_dir, parse_overrides, renamed,
+    save_config, to_dict,
 )
+
+
+
+def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Any:
+    """`typed_yaml.load_config` of a YAML file or of a shipped recipe's name (`cgan/demo_cpu`)."""
+    return typed_yaml.load_config(cls, None if path is None else recipe_path(path), overrides)
+
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 # torch.compile's modes. reduce-overhead and max-autotune also capture CUDA graphs (a CUDA device only).

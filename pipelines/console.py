@@ -205,3 +205,55 @@ class TrainingProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Progress:
+    """A long phase's progress (sampling, feature extraction, decoding, denoising steps): a tqdm bar on a terminal;
+    elsewhere a plain line at each quarter, once the phase has run for `quiet_s` seconds (a short phase prints
+    nothing):
+
+        evaluation: sampling 2500/10000 images (25%) | 0:00:12 | ETA 0:00:36
+
+    `show=False` (the other processes of a launch) keeps it silent. Use it as a context manager, or call close()."""
+
+    QUIET_S = 3.0
+
+    def __init__(self, what: str, total: int, unit: str = "images", *, show: bool = True,
+                 stream: Optional[TextIO] = None, quiet_s: Optional[float] = None, clock=time.monotonic):
+        self.what, self.total, self.unit, self.show, self.clock = what, total, unit, show, clock
+        self.quiet_s = self.QUIET_S if quiet_s is None else quiet_s
+        self.stream = stream or sys.stderr
+        self.done, self.started, self.quarter = 0, clock(), 0
+        self.bar = None
+        if show and total > 0 and self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit=f" {unit}", file=self.stream, leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        if not self.show or self.total <= 0:
+            return
+        quarter = min(4, 4 * self.done // self.total)
+        elapsed = self.clock() - self.started
+        if quarter > self.quarter and elapsed >= self.quiet_s:
+            eta = elapsed / self.done * (self.total - self.done)
+            print(f"{self.what} {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%) | "
+                  f"{timedelta(seconds=round(elapsed))} | ETA {timedelta(seconds=round(eta))}",
+                  file=self.stream, flush=True)
+        self.quarter = max(self.quarter, quarter)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
+from .console import Progress
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -340,9 +341,12 @@ def dataset_to_tensors(ds, image_size: Optional[int] = None, channels: Optional[
     """
     class_names = list(ds.features["label"].names)
     pixels, labels = [], []
-    for batch in ds.iter(batch_size=batch_size):  # the Image feature decodes to PIL here
-        pixels.extend(_pixels(image, image_size, channels) for image in batch["image"])
-        labels.extend(batch["label"])
+    # Every process decodes its own copy; the first one says how far it is.
+    with Progress("decoding", len(ds), show=os.environ.get("RANK", "0") == "0") as shown:
+        for batch in ds.iter(batch_size=batch_size):  # the Image feature decodes to PIL here
+            pixels.extend(_pixels(image, image_size, channels) for image in batch["image"])
+            labels.extend(batch["label"])
+            shown.update(len(batch["label"]))
     if not pixels:
         raise DataError("the dataset is empty")
     shapes = {p.shape[:2] for p in pixels}

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from .config import DataConfig, config_from_dict
+from .console import Progress
 from .data import ImageTensors, load_tensors
 from .exports import load_pipeline
 from .grids import save_class_grid
@@ -80,12 +81,13 @@ def compile_sampler(pipe) -> tuple[str, Optional[str]]:
 
 @torch.no_grad()
 def generate(pipe, labels: torch.Tensor, batch_size: int, seed: int, accelerator=None, preemption=None,
-             **call_kwargs) -> torch.Tensor:
+             progress: Optional[str] = None, **call_kwargs) -> torch.Tensor:
     """uint8 (N, C, H, W) images for `labels`, batched, split across processes, gathered in order.
 
     Batch b always uses the seed (seed, b), so the images do not depend on the number of processes.
     `preemption` (a `preemption.Preemption`): checked before each batch and, for diffusion, after each
     denoising step; a SIGTERM then raises `StopRequested` (one process only: the in-training evaluation).
+    `progress`: what to call the main process's progress lines (`console.Progress`); None: silent.
     """
     from accelerate.utils import gather_object
 
@@ -98,14 +100,19 @@ def generate(pipe, labels: torch.Tensor, batch_size: int, seed: int, accelerator
             return tensors
         call_kwargs = {**call_kwargs, "callback_on_step_end": check_each_step}
     mine = []
-    for b, start in enumerate(range(0, len(labels), batch_size)):
-        if b % world != rank:
-            continue
-        if preemption is not None:
-            preemption.check()
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
-        images = pipe(labels[start: start + batch_size].tolist(), generator=gen, output_type="pt", **call_kwargs).images
-        mine.append((b, (images * 255).round().to(torch.uint8).cpu()))
+    starts = list(range(0, len(labels), batch_size))
+    share = sum(len(labels[start: start + batch_size]) for b, start in enumerate(starts) if b % world == rank)
+    with Progress(progress or "", share, show=progress is not None and rank == 0) as shown:
+        for b, start in enumerate(starts):
+            if b % world != rank:
+                continue
+            if preemption is not None:
+                preemption.check()
+            gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
+            batch = labels[start: start + batch_size].tolist()
+            images = pipe(batch, generator=gen, output_type="pt", **call_kwargs).images
+            mine.append((b, (images * 255).round().to(torch.uint8).cpu()))
+            shown.update(len(batch))
     gathered = gather_object(mine) if world > 1 else mine
     ordered = [images for _, images in sorted(gathered, key=lambda item: item[0])]
     return torch.cat(ordered)[: len(labels)]
@@ -182,11 +189,15 @@ def make_extractor(kind: str, classifier_path: Optional[str | Path], data_cfg: D
 
 def score(images: torch.Tensor, labels: torch.Tensor, real: ImageTensors, extractor: FeatureExtractor,
           floor: Optional[ImageTensors] = None, with_lpips: bool = True,
-          real_feats: Optional[np.ndarray] = None) -> dict:
-    """All metrics of generated `images` (uint8) with `labels` against the `real` reference split."""
-    gen_feats, gen_logits = extract(images, extractor, with_logits=True)
+          real_feats: Optional[np.ndarray] = None, progress: Optional[str] = None) -> dict:
+    """All metrics of generated `images` (uint8) with `labels` against the `real` reference split.
+    `progress`: what to call the feature extraction's progress lines; None: silent."""
+    def named(what: str) -> Optional[str]:
+        return f"{progress}: {what}" if progress else None
+
+    gen_feats, gen_logits = extract(images, extractor, with_logits=True, progress=named("features of the samples"))
     if real_feats is None:
-        real_feats, _ = extract(real.images, extractor)
+        real_feats, _ = extract(real.images, extractor, progress=named("features of the real images"))
     labels_np, real_labels = labels.cpu().numpy(), real.labels.cpu().numpy()
     result: dict = {"num_samples": int(len(images)), "features": extractor.name,
                     "fid": fid(gen_feats, real_feats), "kid": kid(gen_feats, real_feats)}
@@ -202,7 +213,7 @@ def score(images: torch.Tensor, labels: torch.Tensor, real: ImageTensors, extrac
     result["diversity_ratio"] = float(np.mean(ratios)) if ratios else None
     result["flagged_classes"] = collapsed_classes(per_class)
     if floor is not None:
-        floor_feats, _ = extract(floor.images, extractor)
+        floor_feats, _ = extract(floor.images, extractor, progress=named("features of the real-data floor"))
         result["real_floor"] = {"num_samples": int(len(floor)), "fid": fid(floor_feats, real_feats),
                                 "kid": kid(floor_feats, real_feats)}
     available, why = lpips_status() if with_lpips else (False, "LPIPS skipped")
@@ -242,13 +253,14 @@ def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, fe
     labels = torch.arange(real.num_classes).repeat_interleave(num_per_class)
     call_kwargs = sample_call_kwargs(pipe, steps, guidance, guidance_interval)
     start = time.perf_counter()
-    images = generate(pipe, labels, batch_size, seed, accelerator, **call_kwargs)
+    images = generate(pipe, labels, batch_size, seed, accelerator, progress="evaluation: sampling", **call_kwargs)
     seconds = time.perf_counter() - start
     is_main = accelerator is None or accelerator.is_main_process
     if not is_main:
         return {}
     result = score(images, labels, real, extractor,
-                   floor=balanced_subset(train_split, num_per_class) if train_split is not None else None)
+                   floor=balanced_subset(train_split, num_per_class) if train_split is not None else None,
+                   progress="evaluation")
     result.update(extractor_info, pipeline=str(pipeline_path), dataset=data_cfg.name, reference_split=ref_split,
                   num_per_class=num_per_class, seed=seed, sampler=sampler_used(pipe, call_kwargs),
                   seconds_per_image=seconds / len(images), compiled=compiled,
@@ -311,8 +323,9 @@ class TrainingEvaluator:
         pipeline = self.pipeline
         with self.inference():
             images = generate(pipeline, self.labels, self.cfg.batch_size, self.cfg.seed, preemption=self.preemption,
-                              **self.call_kwargs)
-            result = score(images, self.labels, self.real, self.extractor, with_lpips=False, real_feats=self.real_feats)
+                              progress=f"evaluation at epoch {epoch}: sampling", **self.call_kwargs)
+            result = score(images, self.labels, self.real, self.extractor, with_lpips=False, real_feats=self.real_feats,
+                           progress=f"evaluation at epoch {epoch}")
         if self.preemption is not None:
             self.preemption.check()  # before best/ is replaced: a stopped evaluation changes nothing
         value = result[self.cfg.metric]

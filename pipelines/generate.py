@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .evaluation import sample_call_kwargs
+from .console import Progress
+from .evaluation import sample_call_kwargs, sampler_used
 from .exports import load_pipeline
 from .pipeline_ddpm import check_interval
 
@@ -62,8 +63,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
     labels = torch.tensor(classes).repeat_interleave(args.num)
-    images = pipe(labels.tolist(), generator=torch.Generator(device).manual_seed(args.seed), output_type="pt",
-                  **sample_call_kwargs(pipe, args.steps, args.guidance, args.guidance_interval)).images
+    call_kwargs = sample_call_kwargs(pipe, args.steps, args.guidance, args.guidance_interval)
+    steps = sampler_used(pipe, call_kwargs).get("num_inference_steps", 0)  # 0: a GAN, one forward pass
+    with Progress(f"generate: {len(labels)} images", steps, unit="steps") as shown:
+        if steps:
+            def step_done(pipe, i, t, tensors):
+                shown.update()
+                return tensors
+            call_kwargs["callback_on_step_end"] = step_done
+        images = pipe(labels.tolist(), generator=torch.Generator(device).manual_seed(args.seed), output_type="pt",
+                      **call_kwargs).images
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         from .grids import write_grid

@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .console import Progress
+
 INCEPTION_FILE = "inception-2015-12-05.pt"
 DIVERSITY_FLAG = 0.8  # a class whose samples are < 0.8x as spread out as the real ones is flagged as collapsed
 
@@ -87,16 +89,19 @@ def _rgb_numpy(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def extract(images: torch.Tensor, extractor: FeatureExtractor, batch_size: int = 256,
-            with_logits: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Features (and logits) of uint8 images, computed exactly as clean-fid's folder loader would."""
+            with_logits: bool = False, progress: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Features (and logits) of uint8 images, computed exactly as clean-fid's folder loader would.
+    `progress`: what to call the progress lines (`console.Progress`); None: silent."""
     rgb = _rgb_numpy(images)
     feats, logits = [], []
-    for start in range(0, len(rgb), batch_size):
-        chunk = np.stack([extractor.resize(img) for img in rgb[start: start + batch_size]])
-        batch = torch.from_numpy(chunk.transpose(0, 3, 1, 2).astype(np.float32)).to(extractor.device)
-        feats.append(extractor.model(batch).float().cpu().numpy())
-        if with_logits and extractor.logits is not None:
-            logits.append(extractor.logits(batch).float().cpu().numpy())
+    with Progress(progress or "", len(rgb), show=progress is not None) as shown:
+        for start in range(0, len(rgb), batch_size):
+            chunk = np.stack([extractor.resize(img) for img in rgb[start: start + batch_size]])
+            batch = torch.from_numpy(chunk.transpose(0, 3, 1, 2).astype(np.float32)).to(extractor.device)
+            feats.append(extractor.model(batch).float().cpu().numpy())
+            if with_logits and extractor.logits is not None:
+                logits.append(extractor.logits(batch).float().cpu().numpy())
+            shown.update(len(chunk))
     return np.concatenate(feats), (np.concatenate(logits) if logits else None)
 
 

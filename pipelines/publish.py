@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -127,9 +128,16 @@ class Hub:
                                    "private=false")
         if revision and revision != "main":
             self.api.create_branch(repo_id, branch=revision, exist_ok=True)
+        files = [p for p in export.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                          p.relative_to(export).parts)]
+        # huggingface_hub draws its own bars on a terminal; elsewhere these two lines are the progress.
+        print(f"uploading {len(files)} files ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB) to {repo_id}",
+              flush=True)
+        start = time.monotonic()
         commit = self.api.upload_folder(repo_id=repo_id, folder_path=str(export), revision=revision,
                                         commit_message=message or default_message(export),
                                         ignore_patterns=[".*", "**/.*"])  # no temporary files
+        print(f"uploaded in {time.monotonic() - start:.0f} s", flush=True)
         return commit.commit_url
 
 

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import CGANConfig, ConfigError, DDPMConfig, load_config
+from .recipes import recipe_path
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +90,10 @@ class Study:
 
 
 def load_study(path: str | Path) -> Study:
-    path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file not found: {path}")
+    try:
+        path = recipe_path(path)  # a file, or a shipped study by name (sweeps/cgan_losses_cpu)
+    except ConfigError:
+        raise StudyError(f"study file not found: {path}; `python -m pipelines recipes` lists the shipped ones") from None
     doc = yaml.safe_load(path.read_text()) or {}
     if not isinstance(doc, dict):
         raise StudyError(f"{path}: the top level must be a mapping")

@@ -12,7 +12,8 @@ setup() {
   if [ ! -x "$PY" ] || ! "$PY" -c "import pipelines, pytest" 2>/dev/null; then
     python3 -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -e ".[dev]"
+    # The versions the published figures were measured with; torch stays the build the machine has.
+    "$PY" -m pip install -q -c constraints.txt -e ".[dev]"
   fi
   if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     local sudo=""

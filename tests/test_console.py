@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from pipelines.config import CGANConfig
-from pipelines.console import RunLog, TrainingProgress
+from pipelines.console import Progress, RunLog, TrainingProgress
 from test_cgan import TINY
 from trainer_utils import ROOT, run_script
 
@@ -75,3 +75,44 @@ def test_train_log_keeps_other_libraries_bars_as_their_last_state_only(tmp_path)
         print("loading 100%")
         print("\r\r")
     assert (tmp_path / "train.log").read_text() == "loading 100%\n"
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_phase_prints_a_plain_line_at_each_quarter_once_it_has_run_a_few_seconds():
+    clock, out = _Clock(), io.StringIO()
+    with Progress("sampling", 8, stream=out, quiet_s=3.0, clock=clock) as progress:
+        for _ in range(8):
+            clock.now += 1.0
+            progress.update()
+    # 2/8 came at 1 s, before the phase counted as slow; then a line per quarter with the time left
+    assert out.getvalue().splitlines() == ["sampling 4/8 images (50%) | 0:00:04 | ETA 0:00:04",
+                                           "sampling 6/8 images (75%) | 0:00:06 | ETA 0:00:02",
+                                           "sampling 8/8 images (100%) | 0:00:08 | ETA 0:00:00"]
+
+
+def test_a_short_phase_and_the_other_processes_print_nothing():
+    clock, out = _Clock(), io.StringIO()
+    with Progress("decoding", 4, stream=out, quiet_s=3.0, clock=clock) as progress:
+        progress.update(4)  # done within the quiet time
+    with Progress("decoding", 4, stream=out, quiet_s=0.0, clock=clock, show=False) as progress:
+        progress.update(4)
+    assert out.getvalue() == ""
+
+
+def test_a_phase_on_a_terminal_draws_a_bar_instead():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    with Progress("features", 8, stream=out, quiet_s=0.0) as progress:
+        progress.update(8)
+    assert "\rfeatures:   0%|" in out.getvalue()  # tqdm's bar, redrawn in place
+    assert "ETA 0:00:00" not in out.getvalue()  # not the plain lines

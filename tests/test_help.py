@@ -61,3 +61,63 @@ def test_the_commands_own_text_names_every_choice_the_schema_has(command, cls, f
     for name in fields:
         for choice in choices(cls, name):
             assert choice in description, (name, choice)
+
+
+def test_a_shipped_recipe_runs_by_name_from_any_folder(tmp_path, monkeypatch):
+    from pipelines.config import load_config
+    from pipelines.recipes import SHIPPED
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    code, by_name, err = help_of("train_cgan", "--config", "cgan/demo_cpu", "--dry-run")
+    assert code == 0, err
+    assert load_config(CGANConfig, "cgan/demo_cpu") == load_config(CGANConfig, SHIPPED / "cgan" / "demo_cpu.yaml")
+    assert "output_dir: runs/demo/cgan" in by_name and "arch: resnet" in by_name
+    # the clone's own path, typed from another folder, finds the same recipe
+    assert load_config(CGANConfig, "configs/cgan/demo_cpu.yaml") == load_config(CGANConfig, "cgan/demo_cpu")
+
+
+def test_a_file_of_your_own_wins_over_a_shipped_recipe_of_the_same_name(tmp_path, monkeypatch):
+    from pipelines.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cgan").mkdir()
+    (tmp_path / "cgan" / "demo_cpu").write_text("seed: 5\n")
+    assert load_config(CGANConfig, "cgan/demo_cpu").seed == 5
+    assert load_config(CGANConfig, "cgan/demo_cpu.yaml").model.arch == "resnet"  # no such file here: shipped
+
+
+def test_an_unknown_recipe_is_refused_with_the_nearest_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = help_of("train_cgan", "--config", "cgan/demo_gpu")
+    assert code == 2
+    assert "error: config file not found: cgan/demo_gpu" in err and "did you mean cgan/demo_cpu" in err
+    assert "python -m pipelines recipes" in err and "Traceback" not in err
+
+
+def test_the_recipes_command_lists_every_shipped_file_with_its_description():
+    from pipelines.recipes import SHIPPED
+
+    code, text, _ = help_of("recipes")
+    assert code == 0
+    files = sorted(SHIPPED.glob("*/*.yaml"))
+    assert len(files) > 30
+    for path in files:
+        name = path.relative_to(SHIPPED).with_suffix("").as_posix()
+        first = path.read_text().splitlines()[0].lstrip("# ")[:25]  # the head of its description
+        assert any(line.split()[:1] == [name] and first in line for line in text.splitlines()), name
+    assert "cgan (conditional GANs: python train_cgan.py --config NAME)" in text
+
+    code, shown, _ = help_of("recipes", "ddpm/demo_cpu")
+    assert code == 0 and shown == (SHIPPED / "ddpm" / "demo_cpu.yaml").read_text()
+    code, path, _ = help_of("recipes", "--path", "accelerate/multi_gpu_bf16")
+    assert code == 0 and path.strip() == str(SHIPPED / "accelerate" / "multi_gpu_bf16.yaml")
+
+
+def test_a_shipped_study_runs_by_name(tmp_path, monkeypatch):
+    from pipelines.sweep import StudyError, load_study
+
+    monkeypatch.chdir(tmp_path)
+    study = load_study("sweeps/cgan_losses_cpu")
+    assert len(study.runs) == 8 and study.runs[0].cfg.loss.name == "bce"
+    with pytest.raises(StudyError, match="study file not found: sweeps/nope"):
+        load_study("sweeps/nope")

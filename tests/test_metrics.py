@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -152,6 +153,28 @@ def test_eval_runs_on_both_pipeline_kinds(kind, pipelines_dir, classifier_dir, t
     if kind == "ddpm":
         assert result["sampler"] == {"num_inference_steps": 2, "guidance_scale": 2.0, "guidance_interval": [0.0, 0.5],
                                      "scheduler": "DDIMScheduler"}
+
+
+def test_eval_and_generate_say_how_far_they_are_in_plain_lines(pipelines_dir, classifier_dir, tmp_path, monkeypatch,
+                                                                capsys):
+    from pipelines.console import Progress
+    from pipelines.generate import main as generate_main
+
+    monkeypatch.setattr(Progress, "QUIET_S", 0.0)  # every phase counts as slow: a line at each quarter
+    assert run_eval([str(pipelines_dir / "cgan"), "--data", "synthetic", "--classifier", str(classifier_dir),
+                     "--num-per-class", "4", "--batch-size", "10", "--out", str(tmp_path / "eval"), "--no-pngs"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    sampling = re.findall(r"^evaluation: sampling (\d+)/40 images \(\d+%\) \| \d:\d\d:\d\d \| ETA ", err, flags=re.M)
+    assert sampling == ["10", "20", "30", "40"]  # four batches of 10: one line per quarter
+    assert re.search(r"^decoding 512/512 images \(100%\)", err, flags=re.M)  # the reference split, once
+    for phase, n in (("features of the samples", 40), ("features of the real images", 512),
+                     ("features of the real-data floor", 40)):
+        assert re.search(rf"^evaluation: {phase} {n}/{n} images \(100%\)", err, flags=re.M), (phase, err)
+    assert generate_main([str(pipelines_dir / "ddpm"), "--class", "1", "--num", "2", "--steps", "4",
+                          "--out", str(tmp_path / "grid.png")]) == 0
+    steps = re.findall(r"^generate: 2 images (\d)/4 steps", capsys.readouterr().err, flags=re.M)
+    assert steps == ["1", "2", "3", "4"]
 
 
 def test_metrics_record_the_export_defaults_a_call_did_not_override(pipelines_dir):

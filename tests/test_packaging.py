@@ -46,11 +46,13 @@ def test_the_wheel_has_its_own_name_the_data_and_the_commands(installed):
     names = zipfile.ZipFile(wheel).namelist()
     for data in ("pipelines/classifiers/fashion_mnist/diffusion_pytorch_model.safetensors",
                  "pipelines/classifiers/fashion_mnist/config.json",
-                 "pipelines/classifiers/fashion_mnist/classifier_info.json", "pipelines/pipeline_ddpm.py"):
+                 "pipelines/classifiers/fashion_mnist/classifier_info.json", "pipelines/pipeline_ddpm.py",
+                 "pipelines/configs/cgan/demo_cpu.yaml", "pipelines/configs/accelerate/multi_gpu_bf16.yaml"):
         assert data in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for command in ("ccg-train-cgan", "ccg-train-ddpm", "ccg-eval", "ccg-generate", "ccg-sweep", "ccg-publish"):
+    for command in ("ccg-train-cgan", "ccg-train-ddpm", "ccg-eval", "ccg-generate", "ccg-sweep", "ccg-publish",
+                    "ccg-recipes"):
         assert f"{command} = pipelines.commands:" in text
 
 
@@ -69,5 +71,8 @@ def test_the_installed_package_finds_its_classifier_and_trains_outside_the_repos
     assert trained.returncode == 0, trained.stderr
     index = json.loads((tmp_path / "run" / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "CGANPipeline"]
+    recipe = run_installed(installed, tmp_path, "-m", "pipelines", "train-cgan", "--config", "cgan/demo_cpu",
+                           "--dry-run")
+    assert recipe.returncode == 0 and "arch: resnet" in recipe.stdout, recipe.stderr  # shipped in the wheel
     helped = run_installed(installed, tmp_path, "-m", "pipelines", "eval", "--help")
     assert helped.returncode == 0 and "--num-per-class" in helped.stdout

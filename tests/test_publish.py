@@ -7,6 +7,7 @@ replaced, by `hub_fake.FakeHub` behind the client's transport.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -211,7 +212,9 @@ def test_an_invalid_repo_id_is_refused_before_any_call(run, hub):
 
 def test_publish_command_takes_a_run_directory_or_its_best_export(run, hub, capsys):
     assert main([str(run), "--repo-id", "tiny-cgan"]) == 0
-    assert f"pushed {run / 'pipeline'} to https://huggingface.co/alice/tiny-cgan/commit/" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"pushed {run / 'pipeline'} to https://huggingface.co/alice/tiny-cgan/commit/" in out
+    assert re.search(r"^uploading \d+ files \(\d+\.\d MB\) to alice/tiny-cgan\nuploaded in \d+ s$", out, flags=re.M)
     assert main([str(run), "--best", "--repo-id", "tiny-cgan"]) == 2
     assert f"error: {run} has no best/ export" in capsys.readouterr().err
     assert main([str(run / "grids"), "--repo-id", "tiny-cgan"]) == 2
