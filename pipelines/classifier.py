@@ -84,7 +84,7 @@ def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model: DatasetClassifier, data: ImageTensors, batch_size: int = 1000) -> tuple[float, list[float]]:
+def accuracy_on(model: DatasetClassifier, data: ImageTensors, batch_size: int = 1000) -> tuple[float, list[float]]:
     """Top-1 accuracy and per-class accuracy of `model` on `data` (eval mode, no grad, batched)."""
     model.eval()
     preds = []
@@ -136,7 +136,7 @@ def train_classifier(data_cfg: DataConfig, epochs: int = 8, batch_size: int = 12
         log(f"classifier epoch {epoch + 1}/{epochs}: train loss {total.item() / len(loader):.4f} "
             f"({elapsed:.0f}s, ETA {timedelta(seconds=round(eta))})")
     train_seconds = time.perf_counter() - start
-    accuracy, per_class = evaluate(model, test)
+    accuracy, per_class = accuracy_on(model, test)
     log(f"classifier test accuracy {accuracy:.4f} on {len(test)} images")
     info = {
         "test_accuracy": accuracy, "per_class_accuracy": per_class, "dataset": data_cfg.name,

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
+from .families import for_config
 from .typed_yaml import to_dict
 
 # Dotted names (or whole sections, ending in ".") that a resume may change.
@@ -23,10 +24,7 @@ ACCEPTED = (
     "train.epochs", "train.max_steps", "train.mixed_precision", "train.compile", "train.compile_mode",
     "train.channels_last", "train.max_nonfinite_steps", "train.process_group_timeout_minutes",
     "train.process_group_backend", "data.on_device",
-    "model.ema_bn_batches",  # the cGAN's EMA statistics: measured at each export, not trained
-    "diffusion.sample_scheduler", "diffusion.sample_steps", "diffusion.sample_guidance",
-    "diffusion.sample_guidance_interval",  # the DDPM's sampler: the grids' and the export's defaults
-)
+)  # and each family's own (`ModelFamily.resume_may_change`)
 
 
 def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
@@ -38,8 +36,8 @@ def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def accepted(name: str) -> bool:
-    return any(name == a or (a.endswith(".") and name.startswith(a)) for a in ACCEPTED)
+def accepted(name: str, family_accepted: tuple[str, ...] = ()) -> bool:
+    return any(name == a or (a.endswith(".") and name.startswith(a)) for a in (*ACCEPTED, *family_accepted))
 
 
 def config_changes(saved: dict, cfg: Any) -> tuple[list[str], list[str]]:
@@ -48,10 +46,11 @@ def config_changes(saved: dict, cfg: Any) -> tuple[list[str], list[str]]:
     Settings the saved config lacks (added to the schema since) are not compared."""
     before = flatten({k: v for k, v in saved.items() if k != "dataset"})
     now = flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # the same YAML types as the saved file
+    family_accepted = for_config(cfg).resume_may_change
     refused, kept = [], []
     for name in sorted(now):
         if name in before and before[name] != now[name]:
-            (kept if accepted(name) else refused).append(f"{name}: {before[name]!r} -> {now[name]!r}")
+            (kept if accepted(name, family_accepted) else refused).append(f"{name}: {before[name]!r} -> {now[name]!r}")
     return refused, kept
 
 

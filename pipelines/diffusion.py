@@ -15,17 +15,20 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from .checkpoints import generator_state, load_generator_state
-from .config import ConfigError, DDPMOptimConfig, DiffusionConfig
+from .config_help import choices
+from .diffusion_config import DDPMConfig, DDPMOptimConfig, DiffusionConfig
 from .ema import ema_step, make_ema
 from .exports import SCHEDULERS
+from .families import ModelFamily
 from .grids import save_grid
-from .losses import DiffusionObjective, ShardedDraw
 from .loop import FUSED_DEVICES, NonFiniteGuard
+from .losses import DiffusionObjective, ShardedDraw
 from .models.unet import build_unet
 from .pipeline_ddpm import ClassConditionalDiffusionPipeline
 from .plots import denoising_strip, plot_losses, plot_schedule
 from .run import Run, apply_speed_options
 from .tracking import log_image
+from .typed_yaml import ConfigError
 
 
 def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -107,7 +110,7 @@ class DiffusionStep:
 
 
 class DDPM:
-    """The conditional DDPM as a `trainer.Family`: the U-Net, AdamW and its LR schedule, EMA, the step,
+    """The conditional DDPM as a `trainer.FamilyTrainer`: the U-Net, AdamW and its LR schedule, EMA, the step,
     and the exported pipeline (DDIM by default), which draws every grid."""
 
     name = "ddpm"
@@ -188,3 +191,36 @@ class DDPM:
         strip = denoising_strip(self.pipeline, data.num_classes, run.cfg.diffusion.sample_steps, 6, seed,
                                 guidance_scale=self.sample_kwargs["guidance_scale"])
         save_grid(acc, strip, 6, run.out / "denoising_strip.png", "denoising_strip", step)
+
+
+HELP = """Train a class-conditional diffusion model (diffusers UNet2DModel + DDPMScheduler) with classifier-free guidance
+({predictions} prediction; {samplers} samplers).
+
+    python train_ddpm.py (or ccg-train-ddpm) --config ddpm/demo_cpu [section.key=value ...]
+    accelerate launch train_ddpm.py --config ddpm/report_c_cifar10 train.mixed_precision=bf16
+    python train_ddpm.py --config ... --resume latest
+
+Writes to `output_dir`: config.yaml, stats.jsonl, grids/ (DDIM samples, one row per class),
+checkpoints/, pictures (schedule, loss curve, denoising strip, samples), and pipeline/ (a
+`ClassConditionalDiffusionPipeline` with the EMA weights, loadable with stock diffusers).
+"""
+
+
+def describe_export(index: dict) -> str:
+    return ("a class-conditional diffusion model (diffusers `UNet2DModel`, classifier-free guidance), "
+            f"sampled with {index.get('scheduler', ['', 'a scheduler'])[1]}")
+
+
+FAMILY = ModelFamily(
+    name="ddpm", summary="conditional diffusion", config=DDPMConfig, trainer=DDPM,
+    pipeline=ClassConditionalDiffusionPipeline,
+    help=lambda: HELP.format(predictions=", ".join(choices(DDPMConfig, "diffusion.prediction_type")),
+                             samplers=", ".join(choices(DDPMConfig, "diffusion.sample_scheduler"))),
+    describe=describe_export,
+    report=lambda cfg: {"model": "DDPM (UNet2DModel)", "loss": cfg.get("diffusion", {}).get("prediction_type"),
+                        "emb": None},
+    card_tag="ddpm", network="unet", iterative=True,
+    # the sampler: the grids' and the export's defaults
+    resume_may_change=("diffusion.sample_scheduler", "diffusion.sample_steps", "diffusion.sample_guidance",
+                       "diffusion.sample_guidance_interval"),
+)

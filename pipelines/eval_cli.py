@@ -26,10 +26,20 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+from .classifier import save_classifier, train_classifier
 from .config import ConfigError, DataConfig
 from .data import DataError
+from .evaluation import (
+    SHIPPED_CLASSIFIERS, classifier_cache_path, classifier_identity, evaluate_export, reference_baselines,
+)
+from .exports import choose_default_sampler
 from .metrics import MetricsError
+from .model_card import write_model_card
 from .pipeline_ddpm import check_interval
+from .report import compare_runs
+from .run import multi_cpu
+from .rundir import export_folder
+from .tracking import log_evaluation, start_eval_tracking
 
 USER_ERRORS = (ConfigError, DataError, MetricsError, FileNotFoundError, ValueError)
 
@@ -73,10 +83,6 @@ def evaluate_main(argv: list[str]) -> int:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from .evaluation import evaluate
-
-    from .run import multi_cpu
-
     accelerator = Accelerator(cpu=multi_cpu(), log_with="wandb" if args.wandb != "disabled" else None,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.timeout_minutes))])
     path = Path(args.path)
@@ -88,12 +94,10 @@ def evaluate_main(argv: list[str]) -> int:
     data_cfg = data_config(args) if args.data else None
     on_scored = None
     if args.wandb != "disabled":
-        from .tracking import log_evaluation, start_eval_tracking
-
         model_artifact = start_eval_tracking(accelerator, path, out, args.wandb, new_run=args.wandb_new_run)
         step = export_step(path)
         on_scored = partial(log_evaluation, accelerator, out, step=step, model_artifact=model_artifact)
-    result = evaluate(path, out, num_per_class=args.num_per_class, features=args.features,
+    result = evaluate_export(path, out, num_per_class=args.num_per_class, features=args.features,
                       classifier=args.classifier, data_cfg=data_cfg, ref_split=args.ref_split,
                       scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                       guidance_interval=args.guidance_interval, seed=args.seed,
@@ -101,10 +105,8 @@ def evaluate_main(argv: list[str]) -> int:
                       on_scored=on_scored, compile=args.compile)
     accelerator.end_training()
     if accelerator.is_main_process:
-        export = path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path
-        if (export / "model_index.json").is_file():  # the evaluated export's card shows its newest metrics
-            from .model_card import write_model_card
-
+        export = export_folder(path)
+        if export is not None:  # the evaluated export's card shows its newest metrics
             write_model_card(export, result)
         print(summary_line(result))
         print(f"written: {out / 'metrics.json'}")
@@ -140,8 +142,7 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
 def export_step(path: Path) -> Optional[int]:
     """The training step of the evaluated export (its `training.json`), for the W&B x-axis."""
-    folder = path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path
-    info = folder / "training.json"
+    info = (export_folder(path) or path) / "training.json"
     return json.loads(info.read_text()).get("steps") if info.is_file() else None
 
 
@@ -171,9 +172,6 @@ def train_classifier_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     import torch
-
-    from .classifier import save_classifier, train_classifier
-    from .evaluation import SHIPPED_CLASSIFIERS, classifier_cache_path, classifier_identity
 
     kwargs = {"epochs": args.epochs} if args.epochs else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,8 +211,6 @@ def baselines_main(argv: list[str]) -> int:
 
     import torch
 
-    from .evaluation import reference_baselines
-
     result = reference_baselines(data_config(args), args.num_per_class,
                                  args.classifier, torch.device("cpu"))
     for name, metrics in result.items():
@@ -234,8 +230,6 @@ def set_default_main(argv: list[str]) -> int:
                    help="compare the evaluations of this many samples (default: the most common count)")
     args = p.parse_args(argv)
 
-    from .exports import choose_default_sampler
-
     result = choose_default_sampler(Path(args.run), args.tolerance, args.num_samples)
     print(f"default sampler: {result['chosen']} (FID {result['fid']:.4g}, best {result['best_fid']:.4g}, "
           f"{result['seconds_per_image']:.4g} s/image, N={result['num_samples']})")
@@ -252,8 +246,6 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--wandb", choices=["disabled", "auto", "offline", "online"], default="disabled",
                    help="also log the table and the grid as a W&B run of job type compare")
     args = p.parse_args(argv)
-
-    from .report import compare_runs
 
     report = compare_runs([Path(r) for r in args.runs], Path(args.out), metrics_name=args.metrics,
                           per_class=args.per_class, seed=args.seed, wandb=args.wandb)

@@ -15,15 +15,19 @@ import numpy as np
 import torch
 import yaml
 
+from .classifier import load_classifier, save_classifier, train_classifier
 from .config import DataConfig, config_from_dict
 from .console import Progress
 from .data import ImageTensors, load_tensors
 from .exports import load_pipeline
+from .families import for_pipeline
 from .grids import save_class_grid
 from .metrics import (
     FeatureExtractor, classifier_extractor, collapsed_classes, combined_score, extract, fid, inception_extractor,
     inception_score, kid, lpips_status, mean_lpips, per_class_report,
 )
+from .run import compile_mode
+from .tracking import log_class_table, write_stats
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,8 @@ def run_data_config(pipeline_path: Path) -> Optional[DataConfig]:
 
 
 def is_diffusion(pipe) -> bool:
-    return hasattr(pipe, "unet")
+    """Whether the pipeline samples in steps (its family's `iterative`): steps, guidance, a scheduler."""
+    return for_pipeline(pipe).iterative
 
 
 def sample_call_kwargs(pipe, steps: Optional[int], guidance: Optional[float],
@@ -72,10 +77,8 @@ def compile_sampler(pipe) -> tuple[str, Optional[str]]:
     """The pipeline's network compiled in place for sampling at a fixed batch: on a CUDA device each sampling
     step replays a CUDA graph (mode reduce-overhead); elsewhere plain compilation. Returns the mode and, where it
     is not reduce-overhead, why."""
-    from .run import compile_mode
-
     mode, why = compile_mode("reduce-overhead", pipe.device, option="--compile: mode")
-    (pipe.unet if is_diffusion(pipe) else pipe.model).compile(mode=mode)
+    getattr(pipe, for_pipeline(pipe).network).compile(mode=mode)
     return mode, why
 
 
@@ -143,8 +146,6 @@ def cached_classifier(data_cfg: DataConfig, device: torch.device) -> Path:
     """The classifier of data no classifier ships for (CIFAR-10, the user's own, a `data.classes` subset):
     trained on its training split the first time (its test accuracy written beside it), then reused by every
     run on the same data."""
-    from .classifier import save_classifier, train_classifier
-
     data_cfg = replace(data_cfg, split="train", limit=None)
     path = classifier_cache_path(data_cfg)
     if path.is_dir():
@@ -173,8 +174,6 @@ def make_extractor(kind: str, classifier_path: Optional[str | Path], data_cfg: D
         return inception_extractor(device), {}
     if kind != "classifier":
         raise ValueError(f"features {kind!r}: valid choices are inception, classifier")
-    from .classifier import load_classifier
-
     shipped = SHIPPED_CLASSIFIERS / data_cfg.name
     if classifier_path:
         path = Path(classifier_path)
@@ -223,7 +222,7 @@ def score(images: torch.Tensor, labels: torch.Tensor, real: ImageTensors, extrac
     return result
 
 
-def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, features: str = "classifier",
+def evaluate_export(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, features: str = "classifier",
              classifier: Optional[str] = None, data_cfg: Optional[DataConfig] = None, ref_split: str = "test",
              scheduler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
              guidance_interval: Optional[list[float]] = None, seed: int = 0, batch_size: int = 250, accelerator=None,
@@ -275,6 +274,9 @@ def evaluate(pipeline_path: str | Path, out_dir: Path, *, num_per_class: int, fe
     return result
 
 
+evaluate = evaluate_export  # its name before: kept for code that imports it
+
+
 def save_samples(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], folder: Path) -> None:
     """One PNG per sample in a folder per class: what clean-fid's folder functions read."""
     from PIL import Image
@@ -318,8 +320,6 @@ class TrainingEvaluator:
         return value > self.best["value"] if self.cfg.metric == "accuracy" else value < self.best["value"]
 
     def __call__(self, epoch: int, step: int) -> dict:
-        from .tracking import log_class_table, write_stats
-
         pipeline = self.pipeline
         with self.inference():
             images = generate(pipeline, self.labels, self.cfg.batch_size, self.cfg.seed, preemption=self.preemption,

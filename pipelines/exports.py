@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from .rundir import cleaned_up_on_write_error
+from .families import UnknownFamily, for_pipeline_class, pipeline_class_name
+from .model_card import GRID_FILE, write_model_card
+from .rundir import cleaned_up_on_write_error, export_folder
 
 
 def save_pipeline(pipeline, path: Path, finish: Optional[Callable[[Path], None]] = None) -> Path:
@@ -38,40 +40,31 @@ SCHEDULERS = {
 }
 
 
-def pipeline_class_name(index: dict) -> str:
-    """The pipeline class a `model_index.json` names: `"Name"`, or `["pipeline", "Name"]` when the export
-    names its own code for stock diffusers."""
-    kind = index["_class_name"]
-    return kind[-1] if isinstance(kind, list) else kind
-
-
 def load_pipeline(path: str | Path, scheduler: Optional[str] = None):
-    """A `CGANPipeline` or `ClassConditionalDiffusionPipeline` from an export folder (or a run's `pipeline/`)."""
-    from .pipeline_cgan import CGANPipeline
-    from .pipeline_ddpm import ClassConditionalDiffusionPipeline
-
+    """The pipeline of an export folder (or of a run's `pipeline/`), as its family's class (`families.py`)."""
     path = Path(path)
-    if (path / "pipeline" / "model_index.json").is_file():
-        path = path / "pipeline"
-    index = path / "model_index.json"
-    if not index.is_file():
+    export = export_folder(path)
+    if export is None:
         raise FileNotFoundError(f"{path} is not an exported pipeline (no model_index.json) nor a run directory")
+    path, index = export, export / "model_index.json"
     try:
         kind = pipeline_class_name(json.loads(index.read_text()))
     except (json.JSONDecodeError, KeyError) as err:
         raise ValueError(f"{index} is malformed ({err})") from None
-    classes = {"CGANPipeline": CGANPipeline, "ClassConditionalDiffusionPipeline": ClassConditionalDiffusionPipeline}
-    if kind not in classes:
-        raise ValueError(f"{path} holds a {kind}; valid kinds: {', '.join(classes)}")
+    try:
+        family = for_pipeline_class(kind)
+    except UnknownFamily as err:
+        raise ValueError(f"{path} holds {err}") from None
     try:
         # use_safetensors: never fall back to a pickled .bin, even one that weights_only would accept.
-        pipe = classes[kind].from_pretrained(str(path), use_safetensors=True)
+        pipe = family.pipeline.from_pretrained(str(path), use_safetensors=True)
     except Exception as err:  # diffusers/safetensors raise many kinds for a damaged folder
         raise ValueError(f"{path} cannot be loaded as a {kind} ({type(err).__name__}: {err}); the export may be "
                          "truncated or corrupt: export it again from the run's checkpoints") from None
     if scheduler is not None:
-        if kind == "CGANPipeline":
-            raise ValueError("--scheduler applies to diffusion pipelines only; this is a cGAN")
+        if not family.iterative:
+            raise ValueError(f"--scheduler applies to diffusion pipelines only (those that sample in steps); "
+                             f"this is a {kind} ({family.summary})")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r}: valid choices are {', '.join(SCHEDULERS)}")
         import diffusers
@@ -117,8 +110,6 @@ def choose_default_sampler(run: Path, tolerance: float = 0.1, num_samples: Optio
 
 def keep_card(old: Path, new: Path) -> None:
     """A re-saved export keeps its sample grid, and its model card is rebuilt (the defaults changed)."""
-    from .model_card import GRID_FILE, write_model_card
-
     if (old / GRID_FILE).is_file():
         shutil.copyfile(old / GRID_FILE, new / GRID_FILE)
     write_model_card(new, final=old)

@@ -13,14 +13,17 @@ import torch
 from accelerate import Accelerator
 
 from .augment import diff_augment
-from .config import DEFAULT_GAN_LR, CGANConfig, ConfigError
+from .config_help import choices
 from .ema import ema_step, make_ema, measure_batchnorm_statistics
+from .families import ModelFamily
+from .gan_config import DEFAULT_GAN_LR, CGANConfig
 from .grids import save_grid
-from .losses import GANLoss, gan_loss, gradient_penalty, mode_seeking_penalty, r1_penalty
 from .loop import FUSED_DEVICES, NonFiniteGuard
+from .losses import GANLoss, gan_loss, gradient_penalty, mode_seeking_penalty, r1_penalty
 from .models.cgan import CGANDiscriminator, CGANGenerator
 from .pipeline_cgan import CGANPipeline
 from .run import Run, apply_speed_options
+from .typed_yaml import ConfigError
 
 
 def build_cgan(cfg: CGANConfig, num_classes: int, channels: int, image_size: int
@@ -191,7 +194,7 @@ def class_interpolation(generator: CGANGenerator, num_classes: int, steps: int, 
 
 
 class CGAN:
-    """The conditional GAN as a `trainer.Family`: G, D, their Adam optimizers, G's EMA, the step, the pipeline."""
+    """The conditional GAN as a `trainer.FamilyTrainer`: G, D, their Adam optimizers, G's EMA, the step, the pipeline."""
 
     name = "cgan"
     grid_per_class = 10  # a 10x10 grid for 10 classes
@@ -268,3 +271,30 @@ class CGAN:
         for name, fn in (("latent_interpolation", latent_interpolation), ("class_interpolation", class_interpolation)):
             images = (fn(self.model, run.data.num_classes, per_row, run.cfg.seed) / 2 + 0.5).clamp(0, 1)
             save_grid(run.accelerator, images, per_row, run.out / f"{name}.png", name, step)
+
+
+HELP = """Train a conditional GAN ({archs} networks; {losses} losses).
+
+    python train_cgan.py (or ccg-train-cgan) --config cgan/demo_cpu [section.key=value ...]
+    accelerate launch train_cgan.py --config cgan/report_a train.mixed_precision=bf16
+    python train_cgan.py --config ... --resume latest
+
+Writes to `output_dir`: config.yaml, stats.jsonl, grids/ (one row per class, every epoch),
+checkpoints/, and pipeline/ (a `CGANPipeline` for `from_pretrained`).
+"""
+
+
+def describe_run(cfg: dict) -> dict:
+    model = cfg.get("model", {})
+    return {"model": f"cGAN ({model.get('arch')})", "loss": cfg.get("loss", {}).get("name"),
+            "emb": model.get("label_emb_dim")}
+
+
+FAMILY = ModelFamily(
+    name="cgan", summary="conditional GANs", config=CGANConfig, trainer=CGAN, pipeline=CGANPipeline,
+    help=lambda: HELP.format(archs=", ".join(choices(CGANConfig, "model.arch")),
+                             losses=", ".join(choices(CGANConfig, "loss.name"))),
+    describe=lambda index: "a conditional GAN generator (one forward pass per batch)", report=describe_run,
+    card_tag="gan", network="model",
+    resume_may_change=("model.ema_bn_batches",),  # the EMA's statistics: measured at each export, not trained
+)

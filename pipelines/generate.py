@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 
 from .console import Progress
-from .evaluation import sample_call_kwargs, sampler_used
+from .evaluation import sample_call_kwargs, sampler_used, save_samples
 from .exports import load_pipeline
+from .grids import write_grid
 from .pipeline_ddpm import check_interval
 
 
@@ -75,12 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       **call_kwargs).images
     out = Path(args.out)
     if out.suffix.lower() == ".png":
-        from .grids import write_grid
-
         write_grid(images, args.num, out)
     else:
-        from .evaluation import save_samples
-
         save_samples((images * 255).round().to(torch.uint8), labels, names, out)
     print(f"{len(images)} images of {', '.join(names[c] for c in classes)} -> {out}")
     return 0

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from .exports import pipeline_class_name
+from .config import RunConfig
+from .families import for_pipeline_class, pipeline_class_name
+from .rundir import export_folder, run_of
 
 DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
 GRID_FILE = "samples.png"
@@ -23,8 +26,6 @@ METRICS = (("fid", "FID"), ("kid", "KID"), ("accuracy", "conditional accuracy"),
 
 def run_config(export: Path) -> Optional[dict]:
     """The `config.yaml` of the run that wrote `export` (pipeline/ and best/ sit in the run, snapshots deeper)."""
-    from .rundir import run_of
-
     folder = run_of(export)
     return yaml.safe_load((folder / "config.yaml").read_text()) or {} if folder else None
 
@@ -38,10 +39,8 @@ def latest_metrics(export: Path) -> Optional[dict]:
                 metrics = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            target = Path(metrics.get("pipeline", ""))
-            if (target / "pipeline" / "model_index.json").is_file():  # evaluated as a run: its final export
-                target = target / "pipeline"
-            if target.resolve() == export.resolve():
+            target = export_folder(metrics.get("pipeline", ""))  # evaluated as a run: its final export
+            if target is not None and target.resolve() == export.resolve():
                 found.append((path.stat().st_mtime, metrics))
     return max(found, key=lambda item: item[0])[1] if found else None
 
@@ -66,7 +65,7 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_i
               revision: Optional[str] = None) -> str:
     index = json.loads((export / "model_index.json").read_text())
     class_name = pipeline_class_name(index)
-    diffusion = class_name == "ClassConditionalDiffusionPipeline"
+    family = for_pipeline_class(class_name)
     id2label = index.get("id2label") or {str(i): n for i, n in enumerate(index.get("class_names") or [])}
     names = [id2label[k] for k in sorted(id2label, key=int)]
     data = (cfg or {}).get("data", {})
@@ -75,12 +74,13 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_i
         dataset = data.get("hub_id")  # a Hub id, not a local folder laid out as one
     header = {"library_name": "diffusers", "license": "apache-2.0",
               "tags": ["diffusers", "class-conditional", "image-generation",
-                       "ddpm" if diffusion else "gan", *(cfg or {}).get("log", {}).get("tags", [])]}
+                       family.card_tag, *(cfg or {}).get("log", {}).get("tags", [])]}
     if dataset and not data.get("path"):
         header["datasets"] = [dataset]
-    model = (f"a class-conditional diffusion model (diffusers `UNet2DModel`, classifier-free guidance), "
-             f"sampled with {index.get('scheduler', ['', 'a scheduler'])[1]}" if diffusion
-             else "a conditional GAN generator (one forward pass per batch)")
+    model = family.describe(index)
+    # the export's own code beside pipeline.py: components whose class is not diffusers'
+    own_code = [f"`{name}/{value[0]}.py`" for name, value in sorted(index.items()) if not name.startswith("_")
+                and isinstance(value, list) and len(value) == 2 and value[0] not in ("diffusers", "transformers")]
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
              f"# {class_name}", "", f"This is {model}, trained with "
              "[class-conditional-generation](https://pypi.org/project/class-conditional-generation/). "
@@ -89,14 +89,14 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_i
     if (export / GRID_FILE).is_file():
         lines += [f"![samples: one row per class]({GRID_FILE})", ""]
     lines += ["## Use", "", "With stock diffusers (`trust_remote_code=True` runs the `pipeline.py` and "
-              "`pipeline_common.py` of this repository" + ("" if diffusion else " and `model/cgan.py`")
+              "`pipeline_common.py` of this repository" + "".join(f" and {code}" for code in own_code)
               + ": read them first if you did not write them):", "", "```python", "import torch",
               "from diffusers import DiffusionPipeline", "",
               f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "REPO_OR_FOLDER"}", '
               + (f'revision="{revision}", ' if revision and revision != "main" else "") + 'trust_remote_code=True)',
               f'images = pipe([0, "{names[min(1, len(names) - 1)] if names else 0}"], '
               'generator=torch.Generator().manual_seed(0)).images', "```", ""]
-    if diffusion:
+    if family.iterative:
         lines += [f"Defaults: {index.get('default_steps')} steps, guidance scale {index.get('default_guidance')}"
                   + (f" on t/T in {index['default_guidance_interval']}" if index.get("default_guidance_interval")
                      else "") + "; pass `num_inference_steps`, `guidance_scale` or `guidance_interval` to "
@@ -110,9 +110,8 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_i
                                                              if train.get("max_steps") else "")
                   + f", batch {train.get('batch_size')} per process, mixed precision `{train.get('mixed_precision')}`"
                   + (f", EMA {train['ema_decay']}" if train.get("ema_decay") else "") + f", seed {cfg.get('seed')}"]
-        for section in ("loss", "diffusion", "optim"):
-            if section in cfg:
-                recipe.append(f"{section}: {json.dumps(cfg[section], sort_keys=True)}")
+        for section in family_sections(cfg):
+            recipe.append(f"{section}: {json.dumps(cfg[section], sort_keys=True)}")
         if training_time(export):
             recipe.append(training_time(export))
         lines += ["## Training", "", *[f"- {r}" for r in recipe], ""]
@@ -127,6 +126,12 @@ def card_text(export: Path, cfg: Optional[dict], metrics: Optional[dict], repo_i
         flagged = metrics.get("flagged_classes")
         lines += ["", f"Classes flagged as collapsed (diversity ratio < 0.8): {', '.join(flagged) or 'none'}.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def family_sections(cfg: dict) -> list[str]:
+    """The config sections of the family (loss, diffusion, optim, ...): all but the model and those every run has."""
+    shared = {f.name for f in fields(RunConfig)} | {"model", "dataset"}
+    return [name for name, value in cfg.items() if name not in shared and isinstance(value, dict)]
 
 
 def write_model_card(export: Path, metrics: Optional[dict] = None, final: Optional[Path] = None,

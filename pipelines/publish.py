@@ -19,32 +19,26 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .config import check_repo_id  # noqa: F401 (also imported from here)
+from .families import pipeline_class_name
+from .model_card import write_model_card
+from .rundir import export_folder
+
 
 class PublishError(RuntimeError):
     """Why a push cannot be done; the local export is untouched."""
 
 
-def check_repo_id(repo_id: str) -> None:
-    """A `ValueError` that says what a valid repository id is, before any network call."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"{repo_id!r} is not a Hub repository id ({err}); write 'name' or 'your-name/name' with "
-                         "letters, digits, '-', '_' and '.'") from None
-
-
 def resolve_export(path: str | Path, best: bool = False) -> Path:
     """The export folder meant by `path`: an export itself, or a run directory (its `pipeline/` or `best/`)."""
     path = Path(path)
-    folder = path / ("best" if best else "pipeline")
-    if (folder / "model_index.json").is_file():
-        return folder
     if best:
-        raise PublishError(f"{path} has no best/ export (it is written by evaluation during training)")
-    if (path / "model_index.json").is_file():
-        return path
+        if not (path / "best" / "model_index.json").is_file():
+            raise PublishError(f"{path} has no best/ export (it is written by evaluation during training)")
+        return path / "best"
+    found = export_folder(path)
+    if found is not None:
+        return found
     raise PublishError(f"{path} is neither an export (no model_index.json) nor a run directory with pipeline/")
 
 
@@ -144,8 +138,6 @@ class Hub:
 def default_message(export: Path) -> str:
     info = export / "training.json"
     trained = json.loads(info.read_text()) if info.is_file() else {}
-    from .exports import pipeline_class_name
-
     kind = pipeline_class_name(json.loads((export / "model_index.json").read_text()))
     return f"{kind}" + (f" after {trained['steps']} training steps" if "steps" in trained else "")
 
@@ -161,8 +153,6 @@ def publish(export: str | Path, repo_id: str, *, private: Optional[bool] = None,
     """
     import shlex
     import tempfile
-
-    from .model_card import write_model_card
 
     export = Path(export)
     # The retry repeats the visibility: without --private it would create the repository public.

@@ -11,6 +11,9 @@ import yaml
 
 from .evaluation import generate, sample_call_kwargs
 from .exports import load_pipeline
+from .families import for_run
+from .metrics import combined_score
+from .tracking import log_comparison
 
 COLUMNS = ["run", "model", "loss", "emb", "epochs", "FID", "KID", "IS", "accuracy", "diversity", "flagged",
            "combined", "s/image"]
@@ -29,16 +32,12 @@ def newest_metrics(run: Path, name: Optional[str] = None) -> Path:
 
 
 def describe_run(run: Path) -> dict:
-    """Model family, loss, embedding size and length, from the run's saved config."""
+    """Model family, loss, embedding size and length, from the run's saved config (as its family reads it)."""
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    model = cfg.get("model", {})
-    if "loss" in cfg:
-        return {"model": f"cGAN ({model.get('arch')})", "loss": cfg["loss"].get("name"),
-                "emb": model.get("label_emb_dim"), "epochs": cfg.get("train", {}).get("epochs")}
-    if "diffusion" in cfg:
-        return {"model": "DDPM (UNet2DModel)", "loss": cfg["diffusion"].get("prediction_type"), "emb": None,
-                "epochs": cfg.get("train", {}).get("epochs")}
-    return {"model": "?", "loss": None, "emb": None, "epochs": None}
+    family = for_run(run)
+    if family is None:
+        return {"model": "?", "loss": None, "emb": None, "epochs": None}
+    return {"model": None, "loss": None, "emb": None, **family.report(cfg), "epochs": cfg.get("train", {}).get("epochs")}
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -111,8 +110,6 @@ def compare_runs(runs: list[Path], out: Path, metrics_name: Optional[str] = None
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(rows, indent=2))
     if wandb != "disabled":
-        from .tracking import log_comparison
-
         log_comparison(runs, rows, out / "grids.png", wandb, out)
     return text
 
@@ -135,8 +132,6 @@ def _export_epoch(run, name: str) -> Optional[int]:
 def study_rows(study) -> list[dict]:
     """One row per evaluated export: the seeds' columns (Inception FID, IS, LPIPS, combined score)
     where available, then the offline ones (classifier-feature FID, KID, accuracy, diversity)."""
-    from .metrics import combined_score
-
     rows = []
     for run in study.runs:
         for name in run.targets(study.kind):

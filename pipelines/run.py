@@ -14,7 +14,10 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
+from .checkpoints import list_checkpoints
 from .config import ConfigError, save_config
+from .config_changes import check_resume_config
+from .data import BatchLoader, data_identity, load_tensors
 from .rundir import prepare_run_dir
 from .tracking import start_tracking, wandb_mode
 
@@ -57,8 +60,6 @@ def start_run(accelerator: Accelerator, cfg: Any, output_dir: Path, data: Any = 
     images, `data.data_identity`) and the W&B run (the same in its config)."""
     if not accelerator.is_main_process:
         return
-    from .data import data_identity
-
     dataset = data_identity(data) if data is not None else None
     path = output_dir / "config.yaml"
     if dataset and path.is_file():  # a resume: say so if the images are not the ones the run started on
@@ -104,8 +105,6 @@ def apply_speed_options(cfg: Any, accelerator: Accelerator, *models: torch.nn.Mo
 def training_batches(cfg: Any, accelerator: Accelerator):
     """The training split decoded once into uint8 tensors (on the device, or in host memory with
     `data.on_device=false`), as batches on the device, sharded by process."""
-    from .data import BatchLoader, load_tensors
-
     with accelerator.main_process_first():
         data = load_tensors(cfg.data)
     return BatchLoader(data, cfg.train.batch_size, cfg.seed, process_index=accelerator.process_index,
@@ -140,9 +139,6 @@ class Run:
         """Check `cfg.output_dir` is ours (every process agrees before any writes) and, for a resume, that `cfg`
         continues the same training; then build the run."""
         from accelerate import PartialState
-
-        from .checkpoints import list_checkpoints
-        from .config_changes import check_resume_config
 
         clock = TrainClock()  # from the start: data loading is part of the run's time
         # The first collective creates the process group: its timeout is set here, for the whole run.

@@ -111,6 +111,16 @@ def snapshot_dir(output_dir: Path, epoch: int) -> Path:
     return Path(output_dir) / "snapshots" / f"epoch_{epoch:03d}"
 
 
+def export_folder(path: str | Path, name: str = "pipeline") -> Optional[Path]:
+    """The export meant by `path`: the folder itself when it holds `model_index.json`, else a run directory's
+    `name` export (`pipeline/`, `best/`); None when it is neither."""
+    path = Path(path)
+    for folder in (path / name, path):
+        if (folder / "model_index.json").is_file():
+            return folder
+    return None
+
+
 def run_of(path: Path) -> Optional[Path]:
     """The run directory that `path` is or lies in: the run, its `pipeline/` or `best/`, or a snapshot."""
     path = Path(path)

@@ -21,10 +21,8 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,13 +31,17 @@ from typing import Any, Optional
 
 import yaml
 
-from .config import CGANConfig, ConfigError, DDPMConfig, load_config
+from .config import ConfigError, load_config
+from .evaluation import evaluate_export
+from .families import UnknownFamily, for_script
+from .gpu_slots import GpuSlots, gpu_free_gib  # noqa: F401 (gpu_free_gib: also imported from here)
+from .metrics import MetricsError, inception_extractor
 from .recipes import recipe_path
+from .report import write_study_report
+from .rundir import snapshot_dir
 
 logger = logging.getLogger(__name__)
 
-PROGRAMS = {"train_cgan.py": CGANConfig, "train_ddpm.py": DDPMConfig}
-COMMANDS = {"train_cgan.py": "train-cgan", "train_ddpm.py": "train-ddpm"}  # `python -m pipelines COMMAND`
 
 
 class StudyError(ValueError):
@@ -62,7 +64,7 @@ class PlannedRun:
     def command(self) -> list[str]:
         config = ["--config", self.config] if self.config else []
         # The installed package's command, not a script's path: it works from any install and folder.
-        return [sys.executable, "-m", "pipelines", COMMANDS[self.program], *config, *self.overrides,
+        return [sys.executable, "-m", "pipelines", for_script(self.program).command, *config, *self.overrides,
                 "--resume", "latest"]
 
     def finished(self) -> bool:
@@ -71,8 +73,6 @@ class PlannedRun:
     def targets(self, kind: str) -> dict[str, Path]:
         """The exports to evaluate: each snapshot epoch in a sweep; the best and final export in an experiment."""
         if kind == "sweep" and self.cfg.eval.snapshot_epochs:
-            from .rundir import snapshot_dir
-
             return {f"epoch_{e:03d}": snapshot_dir(self.output_dir, e) for e in sorted(self.cfg.eval.snapshot_epochs)}
         found = {"final": self.output_dir / "pipeline"}
         if kind == "experiment" and (self.output_dir / "best" / "model_index.json").is_file():
@@ -105,9 +105,11 @@ def load_study(path: str | Path) -> Study:
 
 
 def _config_class(program: Any, where: str) -> type:
-    if program not in PROGRAMS:
-        raise StudyError(f"{where}: program {program!r}; valid choices: {', '.join(PROGRAMS)}")
-    return PROGRAMS[program]
+    """The config schema of a study's `program:` (a model family's training script, `train_cgan.py`)."""
+    try:
+        return for_script(program).config
+    except UnknownFamily as err:
+        raise StudyError(f"{where}: {err}") from None
 
 
 def _build_run(cls: type, program: str, config: Optional[str], overrides: list[str], swept: dict,
@@ -166,66 +168,6 @@ def _load_experiment(path: Path, doc: dict) -> Study:
         overrides = [f"log.group={json.dumps(str(study))}", *spec.get("overrides", []), f"output_dir={root / name}"]
         runs.append(_build_run(cls, spec["program"], spec.get("config"), overrides, {"run": name}, where))
     return Study(study, "experiment", doc.get("description", ""), runs, root / "report")
-
-
-def gpu_free_gib(gpu: str) -> Optional[float]:
-    """Free memory of one GPU as nvidia-smi reports it (no CUDA context in this process); None without it."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", gpu],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        return float(out.strip().splitlines()[0]) / 1024
-    except (subprocess.SubprocessError, ValueError, IndexError):
-        return None
-
-
-class GpuSlots:
-    """Up to `per_gpu` runs at a time on each GPU, least-loaded GPU first: one small run leaves most of a
-    large GPU idle. A run joins a GPU already in use only once the last run started there has had
-    `stagger_seconds` to allocate its memory and at least `min_free_gib` is still free; otherwise it
-    waits for a run to end (or for memory to free up), so a full GPU is not pushed out of memory."""
-
-    def __init__(self, gpus: list[Optional[str]], per_gpu: int = 1, min_free_gib: float = 4.0,
-                 stagger_seconds: float = 30.0, free_gib=gpu_free_gib, clock=time.monotonic):
-        self.active = {gpu: 0 for gpu in gpus}
-        self.started = {gpu: float("-inf") for gpu in gpus}
-        self.per_gpu, self.min_free_gib, self.stagger = per_gpu, min_free_gib, stagger_seconds
-        self.free_gib, self.clock = free_gib, clock
-        self.changed = threading.Condition()
-
-    def _room(self, gpu: Optional[str]) -> tuple[bool, float]:
-        """(may a run start on `gpu` now, how long to wait before asking again)."""
-        if self.active[gpu] >= self.per_gpu:
-            return False, 30.0
-        if self.active[gpu] == 0 or gpu is None:
-            return True, 0.0
-        settle = self.started[gpu] + self.stagger - self.clock()
-        if settle > 0:
-            return False, settle
-        free = self.free_gib(gpu)
-        if free is not None and free < self.min_free_gib:
-            logger.info("GPU %s: %.1f GiB free, below %.1f GiB: the next run waits", gpu, free, self.min_free_gib)
-            return False, 30.0
-        return True, 0.0
-
-    def acquire(self) -> Optional[str]:
-        with self.changed:
-            while True:
-                waits = []
-                for gpu in sorted(self.active, key=lambda g: self.active[g]):
-                    ok, wait = self._room(gpu)
-                    if ok:
-                        self.active[gpu] += 1
-                        self.started[gpu] = self.clock()
-                        return gpu
-                    waits.append(wait)
-                self.changed.wait(timeout=min(waits))  # a run ends, a start settles, or memory frees up
-
-    def release(self, gpu: Optional[str]) -> None:
-        with self.changed:
-            self.active[gpu] -= 1
-            self.changed.notify_all()
 
 
 def train_all(study: Study, gpus: Optional[list[str]] = None, runs_per_gpu: int = 1,
@@ -305,8 +247,6 @@ class InceptionProbe:
             return self.loaded
         import torch
 
-        from .metrics import MetricsError, inception_extractor
-
         try:
             inception_extractor(torch.device("cpu"))
         except MetricsError as err:
@@ -314,15 +254,13 @@ class InceptionProbe:
                 raise
             self.note = f"Inception metrics not available here: {err}"
             return False
-        self.loaded = True  # the weights are on disk now; evaluate() loads them itself
+        self.loaded = True  # the weights are on disk now; evaluate_export() loads them itself
         return True
 
 
 def evaluate_all(study: Study, inception: InceptionProbe) -> None:
     """Score every export of every finished run (offline classifier features, plus Inception where
     available); an evaluation already on disk is reused."""
-    from .evaluation import evaluate
-
     for run in study.runs:
         if not run.finished():
             continue
@@ -336,7 +274,7 @@ def evaluate_all(study: Study, inception: InceptionProbe) -> None:
                 if (out / "metrics.json").is_file():
                     continue
                 logger.info("evaluating %s %s (%s features)", run.name, name, features)
-                evaluate(target, out, num_per_class=run.cfg.eval.num_per_class, features=features,
+                evaluate_export(target, out, num_per_class=run.cfg.eval.num_per_class, features=features,
                          classifier=run.cfg.eval.classifier, data_cfg=run.cfg.data, seed=run.cfg.eval.seed,
                          save_pngs=False)
 
@@ -363,9 +301,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="evaluate and report what is trained; train nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from .metrics import MetricsError
-    from .report import write_study_report
-
     try:
         if args.runs_per_gpu < 1 or (args.runs_per_gpu > 1 and not args.gpus):
             raise StudyError(f"--runs-per-gpu {args.runs_per_gpu}: must be 1 or more, and more than 1 needs --gpus")

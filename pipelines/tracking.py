@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 from accelerate import Accelerator
 
 from .config import LogConfig, to_dict
+from .model_card import run_config
+from .rundir import run_of
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +199,6 @@ def log_export(accelerator: Accelerator, folder: Path, aliases: list[str], metad
 
 def run_log_config(path: Path) -> dict:
     """The `log` section of the config of the run that `path` is (or lies in); {} outside a run."""
-    from .model_card import run_config
-
     return (run_config(Path(path)) or {}).get("log") or {}
 
 
@@ -209,8 +209,6 @@ def start_eval_tracking(accelerator: Accelerator, path: Path, out: Path, mode: s
     Returns the version of the training's model artifact that is evaluated: `model-<id>:step-N` for the final
     export (`latest` moves on when the run is resumed and exports again), `:best` for `best/`, None for a
     snapshot (not logged as an artifact) or without a training run."""
-    from .rundir import run_of
-
     mode = wandb_mode(LogConfig(wandb=mode))  # a stricter WANDB_MODE / WANDB_DISABLED wins over --wandb too
     if mode == "disabled" or not accelerator.is_main_process:
         return None

@@ -1,8 +1,8 @@
 """The training run, written once for every model family: set-up, resume, the loop and its upkeep, the export.
 
-A family (`pipelines.gan.CGAN`, `pipelines.diffusion.DDPM`) knows only what differs between
+A family's trainer (`pipelines.gan.CGAN`, `pipelines.diffusion.DDPM`) knows only what differs between
 families: its networks and optimizers, one optimizer step, what it samples and exports (see
-`Family`). Adding a family is one module with such a class plus its config schema.
+`FamilyTrainer`). A family is declared, with its config schema and pipeline, in `families.ModelFamily`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from .checkpoints import load_checkpoint, resolve_resume
 from .ema import ema_state, inference_mode, load_ema_state
+from .evaluation import TrainingEvaluator
 from .exports import save_pipeline
 from .grids import class_grid_labels, save_grid, write_grid
 from .console import RunLog, TrainingProgress
@@ -28,8 +29,8 @@ from .tracking import drop_stats_after, log_export
 from .typed_yaml import to_dict
 
 
-class Family(Protocol):
-    """What the run needs from a model family. Built from the `Run` (models, optimizers, EMA, the step)."""
+class FamilyTrainer(Protocol):
+    """What the run needs from a model family's trainer. Built from the `Run` (models, optimizers, EMA, the step)."""
 
     name: str  # the progress bar's label
     grid_per_class: int  # images in each class row of the training grids
@@ -61,14 +62,12 @@ class Family(Protocol):
 class Training:
     """One run of one family: what the upkeep calls back into (grids, exports, evaluation, checkpoint state)."""
 
-    def __init__(self, run: Run, family: Family, step: int, preemption: Preemption):
+    def __init__(self, run: Run, family: FamilyTrainer, step: int, preemption: Preemption):
         self.run, self.family, self.preemption = run, family, preemption
         self.step = step  # completed optimizer steps, kept current by the loop
         self.grid_labels = class_grid_labels(run.data.num_classes, family.grid_per_class, run.device)
         self.evaluator = None
         if run.cfg.eval.every_epochs and run.accelerator.is_main_process:
-            from .evaluation import TrainingEvaluator
-
             self.evaluator = TrainingEvaluator(accelerator=run.accelerator, cfg=run.cfg, output_dir=run.out,
                                                pipeline=family.pipeline, inference=self.inference,
                                                export=self.export, call_kwargs=family.sample_kwargs,
@@ -132,7 +131,7 @@ class Training:
         return {**(ema_state(ema) if ema is not None else {}), **self.family.checkpoint_extra()}
 
 
-def resume(run: Run, family: Family, resume_from: Optional[str]) -> int:
+def resume(run: Run, family: FamilyTrainer, resume_from: Optional[str]) -> int:
     """The step to start from: 0, or the checkpoint's, with every saved state put back."""
     checkpoint = resolve_resume(run.out, resume_from)
     if checkpoint is None:

@@ -133,7 +133,7 @@ def test_train_classifier_leaves_a_shipped_classifier_as_it_was(trained, tmp_pat
 
     shipped = tmp_path / "package" / "classifiers"
     save_classifier(*trained, shipped / "synthetic")  # as if one shipped for the synthetic set
-    monkeypatch.setattr("pipelines.evaluation.SHIPPED_CLASSIFIERS", shipped)
+    monkeypatch.setattr("pipelines.eval_cli.SHIPPED_CLASSIFIERS", shipped)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     before = folder_state(shipped)
     assert train_classifier_main(["--data", "synthetic", "--epochs", "1"]) == 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pipelines.data as data_mod
+import pipelines.data_sources as data_mod
 from conftest import requires_fmnist
 from pipelines.config import DataConfig
 from pipelines.data import (

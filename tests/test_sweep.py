@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import parse_args
+from pipelines.train_cli import parse_args
 from pipelines.config import CGANConfig, load_config, to_dict
 from pipelines.sweep import StudyError, load_study, main
 from pipelines.checkpoints import list_checkpoints
@@ -179,7 +179,7 @@ def test_experiment_cgan_vs_ddpm_end_to_end(tmp_path, classifier_dir):
 
 
 def test_inception_is_tried_once_per_study(monkeypatch):
-    from pipelines import metrics
+    from pipelines import metrics, sweep
     from pipelines.sweep import InceptionProbe
 
     calls = []
@@ -188,7 +188,7 @@ def test_inception_is_tried_once_per_study(monkeypatch):
         calls.append(device)
         raise metrics.MetricsError("no weights here")
 
-    monkeypatch.setattr(metrics, "inception_extractor", offline)
+    monkeypatch.setattr(sweep, "inception_extractor", offline)
     auto = InceptionProbe("auto")
     assert [auto.available() for _ in range(3)] == [False] * 3 and len(calls) == 1
     assert "no weights here" in auto.note

@@ -1,18 +1,23 @@
-"""The command line shared by the trainers: --config, dotted overrides, --resume, --overwrite, --dry-run."""
+"""The training commands' line (`train_cgan.py`, `python -m pipelines train-NAME`), the same for every model
+family: --config, dotted overrides, --resume, --overwrite, --dry-run, --help-config."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from functools import partial
 from typing import Callable, Optional
 
 import yaml
 
 from .config import ConfigError, load_config, to_dict
+from .config_help import config_help
 from .data import DataError
+from .families import get
 from .publish import PublishError
 from .rundir import RunDirError
+from .trainer import fit
 
 # Errors the user can fix: one clear line, no traceback.
 USER_ERRORS = (ConfigError, DataError, RunDirError, FloatingPointError, PublishError)
@@ -21,8 +26,6 @@ USER_ERRORS = (ConfigError, DataError, RunDirError, FloatingPointError, PublishE
 def parse_args(doc: str, argv: Optional[list[str]] = None, config_cls: Optional[type] = None) -> argparse.Namespace:
     epilog = None
     if config_cls is not None:
-        from .config_help import config_help
-
         epilog = ("config fields (override any with section.key=value; --help-config SECTION shows one section):\n"
                   + config_help(config_cls))
     parser = argparse.ArgumentParser(description=doc, epilog=epilog,
@@ -47,8 +50,6 @@ def run_cli(config_cls: type, train: Callable, doc: str, argv: Optional[list[str
     logging.getLogger("pipelines").setLevel(logging.INFO)
     args = parse_args(doc, argv, config_cls)
     if args.help_config is not None:
-        from .config_help import config_help
-
         try:
             print(config_help(config_cls, args.help_config or None))
         except ValueError as err:
@@ -65,3 +66,9 @@ def run_cli(config_cls: type, train: Callable, doc: str, argv: Optional[list[str
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def train(family_name: str, argv: Optional[list[str]] = None) -> int:
+    """The training command of a model family (`families.py`)."""
+    family = get(family_name)
+    return run_cli(family.config, partial(fit, family.trainer), family.help(), argv)
