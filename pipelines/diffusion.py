@@ -27,7 +27,7 @@ from .models.unet import build_unet
 from .pipeline_ddpm import ClassConditionalDiffusionPipeline
 from .plots import denoising_strip, plot_losses, plot_schedule
 from .run import Run, apply_speed_options
-from .tracking import log_image
+from .tracking import log_image, read_stats
 from .typed_yaml import ConfigError
 
 
@@ -180,7 +180,7 @@ class DDPM:
         """Noise schedule, loss curve, one sample per class, many of one class, and a denoising strip."""
         run, acc, data, seed = self.run, self.run.accelerator, self.run.data, self.run.cfg.seed
         pictures = {"noise_schedule": plot_schedule(self.noise_scheduler, run.out / "noise_schedule.png"),
-                    "loss_curve": plot_losses(run.out / "stats.jsonl", ["loss"], run.out / "loss_curve.png")}
+                    "loss_curve": plot_losses(read_stats(run.out), ["loss"], run.out / "loss_curve.png")}
         for name, path in pictures.items():
             log_image(acc, name, path, step)
         save_grid(acc, self.sample(torch.arange(data.num_classes), seed + 1), data.num_classes,

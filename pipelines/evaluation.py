@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import yaml
 
 from .classifier import load_classifier, save_classifier, train_classifier
 from .config import DataConfig, config_from_dict
@@ -27,6 +26,7 @@ from .metrics import (
     inception_score, kid, lpips_status, mean_lpips, per_class_report,
 )
 from .run import compile_mode
+from .rundir import run_config
 from .tracking import log_class_table, write_stats
 
 logger = logging.getLogger(__name__)
@@ -36,13 +36,8 @@ SHIPPED_CLASSIFIERS = Path(__file__).resolve().parent / "classifiers"  # package
 
 def run_data_config(pipeline_path: Path) -> Optional[DataConfig]:
     """The data section of the run that produced this pipeline (its `config.yaml`), if there is one."""
-    for folder in (pipeline_path, pipeline_path.parent, pipeline_path.parent.parent):
-        saved = folder / "config.yaml"
-        if saved.is_file():
-            values = yaml.safe_load(saved.read_text()) or {}
-            if isinstance(values.get("data"), dict):
-                return config_from_dict(DataConfig, values["data"])
-    return None
+    values = run_config(pipeline_path) or {}
+    return config_from_dict(DataConfig, values["data"]) if isinstance(values.get("data"), dict) else None
 
 
 def is_diffusion(pipe) -> bool:

@@ -26,9 +26,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
-
-from .rundir import export_folder
+from .rundir import export_folder, run_config
 from .typed_yaml import ConfigError, config_from_dict
 
 ENTRY_POINT_GROUP = "ccg.families"
@@ -146,10 +144,10 @@ def for_run(run: Path) -> Optional[ModelFamily]:
             return for_pipeline_class(pipeline_class_name(json.loads((export / "model_index.json").read_text())))
         except (UnknownFamily, KeyError, json.JSONDecodeError):
             pass
-    saved = Path(run) / "config.yaml"
-    if not saved.is_file():
+    saved = run_config(run)
+    if saved is None:
         return None
-    values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k != "dataset"}
+    values = {k: v for k, v in saved.items() if k != "dataset"}
     for family in all_families().values():
         try:
             config_from_dict(family.config, values)

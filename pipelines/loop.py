@@ -39,7 +39,7 @@ class NonFiniteGuard:
         self.limit, self.acc = limit, accelerator
         device = accelerator.device if accelerator is not None else torch.device("cpu")
         # skipped in a row now, the longest run of skips since the last read, skipped in all
-        self.counts = torch.zeros(3, device=device)
+        self._counts = torch.zeros(3, device=device)
 
     def check(self, *losses: torch.Tensor) -> torch.Tensor:
         """`found_inf` of these losses: 1.0 when one is not finite on any process."""
@@ -50,8 +50,12 @@ class NonFiniteGuard:
 
     def record(self, found_inf: torch.Tensor) -> None:
         """Count one optimizer step's verdict (once per step: the limit counts skipped steps in a row)."""
-        in_row = (self.counts[0] + 1) * found_inf
-        self.counts = torch.stack([in_row, torch.maximum(self.counts[1], in_row), self.counts[2] + found_inf])
+        in_row = (self._counts[0] + 1) * found_inf
+        self._counts = torch.stack([in_row, torch.maximum(self._counts[1], in_row), self._counts[2] + found_inf])
+
+    def counts(self) -> torch.Tensor:
+        """(skipped in a row now, the longest run of skips since the last read, skipped in all), on the device."""
+        return self._counts
 
     @staticmethod
     def scaled(optimizer: torch.optim.Optimizer) -> bool:
@@ -92,9 +96,9 @@ class NonFiniteGuard:
     def read(self, counts: Optional[list[float]] = None) -> int:
         """At a log step: the total skipped; raises when the limit in a row was reached since the last read.
 
-        `counts`: `self.counts` already read to the host (the log's one sync)."""
-        in_row, worst, total = counts if counts is not None else self.counts.tolist()
-        self.counts = torch.stack([self.counts[0], self.counts[0], self.counts[2]])
+        `counts`: `counts()` already read to the host (the log's one sync)."""
+        in_row, worst, total = counts if counts is not None else self._counts.tolist()
+        self._counts = torch.stack([self._counts[0], self._counts[0], self._counts[2]])
         if worst >= self.limit:
             raise FloatingPointError(
                 f"{int(worst)} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
@@ -175,7 +179,7 @@ class Upkeep:
             means = torch.stack([torch.stack([m[k] for m in self.pending if k in m]).float().mean() for k in keys])
             # Averaged over processes too, so the curve is the global batch's whole; the guard's counts (the same
             # on every process) ride along: one host sync per log.
-            values = self.acc.reduce(torch.cat([means, self.guard.counts]), reduction="mean").tolist()
+            values = self.acc.reduce(torch.cat([means, self.guard.counts()]), reduction="mean").tolist()
             record = dict(zip(keys, values))
             record.update(step=step, epoch=(step - 1) // self.steps_per_epoch + 1, **scalars,
                           nonfinite_skipped=self.guard.read(values[len(keys):]))
@@ -222,8 +226,7 @@ class Upkeep:
         """Training is over and its last checkpoint written; from here on a SIGTERM ends the run at the next
         `stop_point` (a SIGTERM that reached another process during the last step is pooled here too)."""
         self.final_step = step
-        if self.consensus.close():
-            self.preemption.requested = True
+        self.preemption.learn(self.consensus.close())
 
     def stop_point(self, what: str) -> None:
         """Between the phases after training: exit at once on a SIGTERM, nothing is lost (`what` is left)."""

@@ -14,7 +14,7 @@ import yaml
 
 from .config import RunConfig
 from .families import for_pipeline_class, pipeline_class_name
-from .rundir import export_folder, run_of
+from .rundir import export_folder, run_config
 
 DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
 GRID_FILE = "samples.png"
@@ -22,12 +22,6 @@ TRAINING_FILE = "training.json"  # steps, images, wall time and hardware of the 
 METRICS = (("fid", "FID"), ("kid", "KID"), ("accuracy", "conditional accuracy"),
            ("diversity_ratio", "diversity ratio (samples / real)"), ("inception_score", "Inception Score"),
            ("classifier_score", "classifier score"))
-
-
-def run_config(export: Path) -> Optional[dict]:
-    """The `config.yaml` of the run that wrote `export` (pipeline/ and best/ sit in the run, snapshots deeper)."""
-    folder = run_of(export)
-    return yaml.safe_load((folder / "config.yaml").read_text()) or {} if folder else None
 
 
 def latest_metrics(export: Path) -> Optional[dict]:

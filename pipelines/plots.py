@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -25,9 +24,8 @@ def plot_schedule(noise_scheduler, path: Path) -> Path:
     return path
 
 
-def plot_losses(stats_file: Path, keys: list[str], path: Path) -> Path:
-    """Curves of the logged `keys` over steps, read from a run's stats.jsonl."""
-    records = [json.loads(line) for line in Path(stats_file).read_text().splitlines() if line.strip()]
+def plot_losses(records: list[dict], keys: list[str], path: Path) -> Path:
+    """Curves of the logged `keys` over steps, from a run's records (`tracking.read_stats`)."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]

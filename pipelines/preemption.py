@@ -21,10 +21,16 @@ class StopRequested(Exception):
 
 
 class Preemption:
-    """Whether SIGTERM has arrived in this process. `install()` makes the handler (main thread only)."""
+    """Whether SIGTERM has arrived, in this process (its handler: `install()`, main thread only) or in another
+    (`learn`, from what the processes pooled). The one owner of that state: everything else reads `requested`."""
 
     def __init__(self):
         self.requested = False
+
+    def learn(self, pooled: Optional[bool]) -> None:
+        """What the processes pooled (`StepConsensus`): a SIGTERM that reached another process stops this one too."""
+        if pooled:
+            self.requested = True
 
     def install(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():

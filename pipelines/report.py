@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from .evaluation import generate, sample_call_kwargs
 from .exports import load_pipeline
 from .families import for_run
 from .metrics import combined_score
-from .tracking import log_comparison
+from .rundir import run_config
+from .tracking import log_comparison, read_stats
 
 COLUMNS = ["run", "model", "loss", "emb", "epochs", "FID", "KID", "IS", "accuracy", "diversity", "flagged",
            "combined", "s/image"]
@@ -33,7 +33,7 @@ def newest_metrics(run: Path, name: Optional[str] = None) -> Path:
 
 def describe_run(run: Path) -> dict:
     """Model family, loss, embedding size and length, from the run's saved config (as its family reads it)."""
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    cfg = run_config(run) or {}
     family = for_run(run)
     if family is None:
         return {"model": "?", "loss": None, "emb": None, "epochs": None}
@@ -187,10 +187,7 @@ def plot_eval_curves(study, path: Path, best: Optional[dict] = None) -> Optional
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     drawn = False
     for run in study.runs:
-        stats = run.output_dir / "stats.jsonl"
-        if not stats.is_file():
-            continue
-        records = [json.loads(line) for line in stats.read_text().splitlines() if "eval/fid" in line]
+        records = [r for r in read_stats(run.output_dir) if "eval/fid" in r]
         for ax, key in zip(axes, ("eval/fid", "eval/accuracy")):
             points = [(r["epoch"], r[key]) for r in records if key in r]
             if points:

@@ -118,6 +118,10 @@ class TrainClock:
     def __init__(self):
         self.start, self.before = time.monotonic(), 0.0
 
+    def resumed(self, seconds_before: float) -> None:
+        """A resumed run: the time its earlier attempts took (their checkpoint's) counts too."""
+        self.before = float(seconds_before)
+
     def seconds(self) -> float:
         return self.before + time.monotonic() - self.start
 
@@ -151,12 +155,10 @@ class Run:
         if resume is not None and (resume != "latest" or list_checkpoints(out)):  # every process: all stop alike
             for line in check_resume_config(cfg, out, accept_config_changes):
                 state.print(line)
-        run = cls.build(cfg, make_accelerator(cfg, out), out)
-        run.clock = clock
-        return run
+        return cls.build(cfg, make_accelerator(cfg, out), out, clock)
 
     @classmethod
-    def build(cls, cfg: Any, accelerator: Accelerator, out: Path) -> "Run":
+    def build(cls, cfg: Any, accelerator: Accelerator, out: Path, clock: Optional[TrainClock] = None) -> "Run":
         """The run on an existing Accelerator (benchmarks build this way, so they time what training runs)."""
         loader = training_batches(cfg, accelerator)
         steps_per_epoch = len(loader) // cfg.train.gradient_accumulation_steps
@@ -164,7 +166,7 @@ class Run:
         if cfg.train.max_steps is not None:
             total_steps = min(total_steps, cfg.train.max_steps)
         return cls(cfg=cfg, out=out, accelerator=accelerator, loader=loader, steps_per_epoch=steps_per_epoch,
-                   total_steps=total_steps)
+                   total_steps=total_steps, clock=clock or TrainClock())
 
     @property
     def device(self) -> torch.device:

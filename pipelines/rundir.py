@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
+import yaml
+
 
 class RunDirError(RuntimeError):
     """The output directory holds another run, or the checkpoint to resume from is missing."""
@@ -128,6 +130,12 @@ def run_of(path: Path) -> Optional[Path]:
         if (folder / "config.yaml").is_file():
             return folder
     return None
+
+
+def run_config(path: Path) -> Optional[dict]:
+    """The saved `config.yaml` of the run that `path` is or lies in (`run_of`), as a dict; None outside a run."""
+    folder = run_of(path)
+    return (yaml.safe_load((folder / "config.yaml").read_text()) or {}) if folder else None
 
 
 # What torch.save's zip writer says when the disk refuses bytes (it raises a RuntimeError, as it does for

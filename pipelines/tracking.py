@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 from accelerate import Accelerator
 
 from .config import LogConfig, to_dict
-from .model_card import run_config
+from .rundir import run_config
 from .rundir import run_of
 
+STATS_FILE = "stats.jsonl"  # a run's log, one JSON record per line: written, cut back and read here only
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "class-conditional-generation"
@@ -287,7 +288,7 @@ def drop_stats_after(output_dir: Path, step: int) -> None:
     records would be there twice, the second time from the resumed run. A line cut short by the kill is
     dropped too. Rewritten through a temporary file, so a kill here leaves the old file.
     """
-    path = output_dir / "stats.jsonl"
+    path = output_dir / STATS_FILE
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
@@ -300,12 +301,24 @@ def drop_stats_after(output_dir: Path, step: int) -> None:
         if record.get("step", 0) <= step:
             kept.append(line)
     if len(kept) < len(lines):
-        tmp = path.with_name(".stats.jsonl.tmp")
+        tmp = path.with_name(f".{STATS_FILE}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
 
 def write_stats(output_dir: Path, record: dict) -> None:
     """Append one JSON line to `stats.jsonl` (the run's own log, readable without W&B)."""
-    with open(output_dir / "stats.jsonl", "a") as f:
+    with open(output_dir / STATS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_stats(output_dir: Path) -> list[dict]:
+    """The records of `stats.jsonl` (none without the file); a line cut short by a kill is skipped."""
+    path = Path(output_dir) / STATS_FILE
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

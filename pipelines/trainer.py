@@ -140,7 +140,7 @@ def resume(run: Run, family: FamilyTrainer, resume_from: Optional[str]) -> int:
         return 0
     state, extra = load_checkpoint(run.accelerator, checkpoint)
     step = state["step"]
-    run.clock.before = float(state.get("train_seconds", 0.0))
+    run.clock.resumed(state.get("train_seconds", 0.0))
     if family.ema is not None:
         load_ema_state(family.ema, extra)
     family.restore(extra, checkpoint)

@@ -404,16 +404,29 @@ def test_compile_with_the_gradient_penalty_is_refused():
 
 
 @pytest.mark.parametrize("script", ["train_cgan", "train_ddpm"])
-def test_channels_last_trains_the_same_model(script, tmp_path):
+def test_channels_last_trains_the_same_model(script, tmp_path, monkeypatch):
     from pipelines.config import DDPMConfig
     from test_ddpm import TINY as DDPM_TINY
 
     cls, overrides = (CGANConfig, TINY) if script == "train_cgan" else (DDPMConfig, DDPM_TINY)
     overrides = overrides + ["train.epochs=1", "log.every_steps=1"]
-    curves = []
+    # the memory format of every k x k convolution's weight as the training's convolutions see it
+    nhwc_weights = []
+    conv = torch.nn.Conv2d._conv_forward
+
+    def spy(self, input, weight, bias):
+        if weight.shape[-1] > 1 and weight.shape[1] > 1 and weight.requires_grad:  # else both formats are one
+            nhwc_weights.append(weight.is_contiguous(memory_format=torch.channels_last))
+        return conv(self, input, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", spy)
+    curves, formats = [], []
     for name, extra in (("default", []), ("nhwc", ["train.channels_last=true"])):
+        nhwc_weights.clear()
         assert run_script(script, cls, tmp_path / name, overrides + extra) == 0
         curves.append([json.loads(line) for line in (tmp_path / name / "stats.jsonl").read_text().splitlines()])
+        formats.append(set(nhwc_weights))
+    assert formats == [{False}, {True}]  # the option changes the memory format of every trained convolution
     key = "loss_d" if script == "train_cgan" else "loss"
     # Same arithmetic in another memory order: equal up to float rounding, step after step.
     assert [r[key] for r in curves[1]] == pytest.approx([r[key] for r in curves[0]], rel=1e-3)
@@ -436,14 +449,29 @@ def test_channels_last_trains_the_same_model(script, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["model.d_norm=spectral", "model.d_conditioning=projection", "loss.name=hinge"]],
                          ids=["batchnorm", "spectral_norm"])  # spectral norm's power iteration under compile
-def test_compiled_run_resumes_without_compile(extra, tmp_path):
+def test_compiled_run_resumes_without_compile(extra, tmp_path, capsys):
     """torch.compile is applied in place: checkpoints carry the same keys, so a run can switch it off."""
+    from torch._dynamo.utils import counters
+
     compiled = tmp_path / "compiled"
+    counters.clear()
     assert run_script("train_cgan", CGANConfig, compiled, TINY + extra + ["train.compile=true"]) == 0
+    assert counters["stats"]["unique_graphs"] > 0  # the networks were compiled
     plain = tmp_path / "plain"
     assert run_script("train_cgan", CGANConfig, plain, TINY + extra) == 0
     assert load_safetensors_dir(compiled / "pipeline").keys() == load_safetensors_dir(plain / "pipeline").keys()
+    finished = load_safetensors_dir(compiled / "pipeline")
     shutil.rmtree(compiled / "pipeline")
     shutil.rmtree(list_checkpoints(compiled)[-1])
+    counters.clear()
+    capsys.readouterr()
     assert run_script("train_cgan", CGANConfig, compiled, TINY + extra, "--resume", "latest") == 0
-    assert (compiled / "pipeline" / "model_index.json").exists()
+    assert counters["stats"]["unique_graphs"] == 0  # resumed eagerly
+    assert f"resumed from {list_checkpoints(compiled)[0]} at step 8" in capsys.readouterr().out
+    last_epoch = json.loads((compiled / "stats.jsonl").read_text().splitlines()[-1])
+    assert last_epoch["step"] == 16 and "loss_d" in last_epoch
+    # the last epoch trained eagerly from the compiled run's checkpoint ends where the compiled run ended, up to
+    # the rounding that compiled kernels change
+    resumed = load_safetensors_dir(compiled / "pipeline")
+    for key in finished:
+        torch.testing.assert_close(resumed[key], finished[key], atol=1e-3, rtol=1e-3, msg=lambda m: f"{key}: {m}")

@@ -281,9 +281,27 @@ def test_a_checkpoint_without_the_noise_generator_still_resumes_and_says_so(fini
      "diffusion.sample_scheduler=dpmsolver"],
     ["data.pad_to=32", "optim.schedule=constant", "optim.max_grad_norm=null"],
 ], ids=["v-minsnr-cosine-onecycle-accum", "padded-constant-noclip"])
-def test_training_options_run(tmp_path, options):
+def test_training_options_run(tmp_path, options, monkeypatch):
+    from pipelines.losses import DiffusionObjective
+
+    objective = DiffusionObjective.__call__
+    seen = []
+
+    def spy(self, model, x0, labels, draw):
+        seen.append((self.prediction_type, self.snr_gamma))
+        return objective(self, model, x0, labels, draw)
+
+    monkeypatch.setattr(DiffusionObjective, "__call__", spy)
     out = tmp_path / "run"
     assert run_script("train_ddpm", DDPMConfig, out, TINY + ["train.epochs=1"] + options) == 0
+    v = "diffusion.prediction_type=v_prediction" in options
+    assert set(seen) == {("v_prediction" if v else "epsilon", 5.0 if v else None)}  # the objective trained
+    accumulation = 2 if "train.gradient_accumulation_steps=2" in options else 1
+    assert len(seen) == 256 // 32  # every batch of the epoch once ...
+    steps = 256 // 32 // accumulation  # ... in this many optimizer steps
+    assert logged_steps(out)[-1] == steps
+    optimizer = checkpoint_state(list_checkpoints(out)[-1])["optimizer.bin"]
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {steps}  # AdamW's own count
     pipe = ClassConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
     images = pipe([1], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 28, 28, 1)

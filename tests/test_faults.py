@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from pipelines.config import CGANConfig, DDPMConfig
+from pipelines.config import CGANConfig, DDPMConfig, load_config
 from pipelines.checkpoints import list_checkpoints, resolve_resume
 from test_cgan import TINY
 from test_ddpm import TINY as DDPM_TINY
@@ -368,12 +368,19 @@ def test_a_corrected_retry_runs_without_overwrite(tmp_path, capsys, script, cls,
     assert (out / "pipeline" / "model_index.json").exists() and (out / "config.yaml").exists()
 
 
-def test_resume_latest_with_nothing_to_resume_says_it_starts_fresh(tmp_path, caplog):
+def test_resume_latest_without_a_complete_checkpoint_starts_over_and_logs_each_step_once(tmp_path, caplog, capsys):
+    """The attempt before was killed while saving its only checkpoint: its steps run again, logged once."""
     out = tmp_path / "run"
+    assert run_script("train_cgan", CGANConfig, out, TINY + ["train.max_steps=2"]) == 0
+    uninterrupted = load_safetensors_dir(out / "pipeline")
+    [checkpoint] = list_checkpoints(out)
+    checkpoint.rename(checkpoint.with_name(f".tmp-{checkpoint.name}"))  # the save, cut short
     with caplog.at_level("WARNING", logger="pipelines"):
         assert run_script("train_cgan", CGANConfig, out, TINY + ["train.max_steps=2"], "--resume", "latest") == 0
     assert f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; starting from step 0" in caplog.text
-    assert json.loads((out / "stats.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert "a write that was cut short" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "stats.jsonl").read_text().splitlines()] == [2]
+    assert_same_tensors(load_safetensors_dir(out / "pipeline"), uninterrupted)
 
 
 class _Exploit:
@@ -568,13 +575,39 @@ except RunDirError as err:
     assert_same_tensors(load_safetensors_dir(export), before)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
-def test_launcher_files_are_valid_accelerate_configs(path):
-    from accelerate.commands.config.config_args import ClusterConfig
+# What each launcher file is for: (mixed precision, processes in all, machines).
+LAUNCHER_FILES = {"multi_gpu_bf16": ("bf16", 8, 1), "multi_gpu_fp16": ("fp16", 8, 1), "multi_node": ("bf16", 16, 2),
+                  "single_gpu": ("bf16", 1, 1)}
 
-    cfg = ClusterConfig.from_yaml_file(str(path))
-    assert cfg.mixed_precision in {"no", "bf16", "fp16"} and cfg.num_processes >= 1
-    assert (cfg.num_machines > 1) == (path.stem == "multi_node")
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_launcher_files_give_the_processes_what_their_names_say(path, monkeypatch):
+    """Read by accelerate's own launcher: the processes it would start and the environment they get; then the
+    trainers' Accelerator under that environment (train.mixed_precision=no defers to the launcher)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    from pipelines.run import make_accelerator
+
+    precision, processes, machines = LAUNCHER_FILES[path.stem]
+    args = launch_command_parser().parse_args(["--config_file", str(path), str(ROOT / "train_ddpm.py")])
+    args, _, _ = _validate_launch_command(args)
+    if processes > 1:
+        env = prepare_multi_gpu_env(args)  # torchrun's arguments land on `args`
+        assert args.multi_gpu and int(args.nproc_per_node) * machines == processes
+        if machines > 1:
+            assert int(args.nnodes) == machines and "10.0.0.1" in str(vars(args))
+    else:
+        _, env = prepare_simple_launcher_cmd_env(args)
+        assert not args.multi_gpu and args.num_processes == 1
+    assert env["ACCELERATE_MIXED_PRECISION"] == precision
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg = load_config(CGANConfig, None, ["train.mixed_precision=no"])
+    assert make_accelerator(cfg, ROOT).mixed_precision == precision
+    AcceleratorState._reset_state(True)
 
 
 @pytest.mark.slow  # a multi-process or end-to-end run; the fast suite covers its parts

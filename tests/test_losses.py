@@ -236,6 +236,35 @@ def test_diffusion_loss_gradient():
     assert torch.allclose(pred.grad, torch.tensor([[1.0, -1.0]]))
 
 
+@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", None), ("v_prediction", 5.0), ("epsilon", 2.0)])
+def test_diffusion_objective_by_hand(prediction_type, gamma):
+    """Noise, then timesteps, drawn in that order; the target is the noise or the velocity; min-SNR weights."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from pipelines.losses import DiffusionObjective, ShardedDraw
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    scheduler = DDPMScheduler(num_train_timesteps=50)
+    x0, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4)
+    objective = DiffusionObjective(scheduler=scheduler, num_classes=4, prediction_type=prediction_type,
+                                   snr_gamma=gamma)
+    loss = objective(Zero(), x0, labels, ShardedDraw(generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn((4, 1, 8, 8), generator=g), torch.randint(0, 50, (4,), generator=g)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    per_sample = target.pow(2).flatten(1).mean(1)
+    if gamma is not None:
+        snr = (abar / (1 - abar)).flatten()
+        per_sample = per_sample * snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    torch.testing.assert_close(loss, per_sample.mean())
+
+
 def test_min_snr_weights_epsilon():
     snr = torch.tensor([0.5, 5.0, 20.0])
     # min(SNR, 5) / SNR = [0.5/0.5, 5/5, 5/20]

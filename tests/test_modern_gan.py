@@ -138,11 +138,25 @@ def test_resnet_export_loads_in_a_new_process_with_the_same_images(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
 
 
-def test_resnet_interpolations_run():
+def test_resnet_interpolations_start_and_end_where_they_say():
+    """Latent rows: class k from code z0 to code z1. Class rows: one code from class k to class k + 1."""
+    torch.manual_seed(0)
     g, _ = resnet_pair()
     g.eval()
-    assert latent_interpolation(g, 10, 4, seed=0).shape == (40, 1, 28, 28)
-    assert class_interpolation(g, 10, 4, seed=0).shape == (40, 1, 28, 28)
+    for module in g.modules():  # the class acts in every block, as after training
+        if isinstance(module, ConditionalBatchNorm):
+            torch.nn.init.normal_(module.gain.weight, std=0.5)
+    with torch.no_grad():
+        latent = latent_interpolation(g, 10, 4, seed=0).view(10, 4, 1, 28, 28)
+        classes = class_interpolation(g, 10, 4, seed=0).view(10, 4, 1, 28, 28)
+        gen = torch.Generator().manual_seed(0)
+        z0, z1 = (g.sample_noise(1, gen) for _ in range(2))
+        labels = torch.arange(10)
+        torch.testing.assert_close(latent[:, 0], g(z0.expand(10, -1), labels))
+        torch.testing.assert_close(latent[:, -1], g(z1.expand(10, -1), labels))
+        torch.testing.assert_close(classes[:, 0], g(z0.expand(10, -1), labels))
+        torch.testing.assert_close(classes[:, -1], g(z0.expand(10, -1), (labels + 1) % 10))
+    assert not torch.allclose(latent[:, 1], latent[:, 0], atol=1e-4)  # and move between them
 
 
 def test_hierarchical_z_gives_each_block_its_own_chunk_of_z_beside_the_class(tmp_path):
